@@ -1,0 +1,719 @@
+"""Tests for app.store, on real SQLite files in tmp_path."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from app import store as store_module
+from app.store import MIGRATIONS, Store, StoreError, fts_query
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png(color: str, size: tuple[int, int] = (4, 3)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def files(data_dir: Path) -> list[Path]:
+    return sorted(p for p in (data_dir / "attachments").rglob("*") if p.is_file())
+
+
+def snapshot(data_dir: Path) -> dict:
+    """Every row of every table, and every attachment file: to prove nothing changed."""
+    conn = sqlite3.connect(data_dir / "history.db")
+    try:
+        tables = [
+            "conversations",
+            "messages",
+            "attachments",
+            "message_attachments",
+            "_migrations",
+        ]
+        state = {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
+        state["fts"] = conn.execute(
+            "SELECT rowid FROM messages_fts WHERE messages_fts MATCH 'hello'"
+        ).fetchall()
+    finally:
+        conn.close()
+    state["files"] = [(p.name, p.read_bytes()) for p in files(data_dir)]
+    return state
+
+
+def run_python(code: str, *args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path)
+    yield s
+    s.close()
+
+
+# -- opening and migrations ------------------------------------------------
+
+
+def test_layout_and_pragmas(tmp_path, store):
+    assert (tmp_path / "history.db").is_file()
+    assert (tmp_path / "attachments").is_dir()
+    conn = store._conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+    assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_migrations_apply_once_and_reopen_cleanly(tmp_path, monkeypatch):
+    names = [m.__name__ for m in MIGRATIONS]
+    with Store(tmp_path) as s:
+        cid = s.create_conversation("kept")
+        s.add_message(cid, "user", "hello there")
+    applied = sqlite3.connect(tmp_path / "history.db").execute(
+        "SELECT name, applied_at FROM _migrations ORDER BY rowid"
+    ).fetchall()
+    assert [name for name, _ in applied] == names
+
+    # Reopening changes nothing and keeps the data.
+    with Store(tmp_path) as s:
+        assert s.get_conversation(cid)["title"] == "kept"
+        assert [h["message_id"] for h in s.search("hello")] == [1]
+    again = sqlite3.connect(tmp_path / "history.db").execute(
+        "SELECT name, applied_at FROM _migrations ORDER BY rowid"
+    ).fetchall()
+    assert again == applied
+
+    # A new migration runs exactly once, on the next open.
+    calls = []
+
+    def m999_test(db):
+        calls.append(1)
+        db.execute("CREATE TABLE extra (x INTEGER)")
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, m999_test])
+    Store(tmp_path).close()
+    Store(tmp_path).close()
+    assert calls == [1]
+
+
+# -- conversations and messages --------------------------------------------
+
+
+def test_conversation_crud(store):
+    cid = store.create_conversation("First", model="deepseek-vl-1.3b", system_prompt="Be brief.")
+    conv = store.get_conversation(cid)
+    assert conv["title"] == "First"
+    assert conv["model"] == "deepseek-vl-1.3b"
+    assert conv["system_prompt"] == "Be brief."
+    assert conv["messages"] == []
+
+    store.rename_conversation(cid, "  Renamed ")
+    assert store.get_conversation(cid)["title"] == "Renamed"
+
+    store.delete_conversation(cid)
+    assert store.list_conversations() == []
+    for call in (
+        lambda: store.get_conversation(cid),
+        lambda: store.rename_conversation(cid, "x"),
+        lambda: store.delete_conversation(cid),
+        lambda: store.add_message(cid, "user", "hi"),
+    ):
+        with pytest.raises(StoreError, match="unknown conversation"):
+            call()
+
+
+def test_messages_in_order_with_settings_and_timings(store):
+    cid = store.create_conversation()
+    u = store.add_message(cid, "user", "What is in this picture?")
+    a = store.add_message(
+        cid,
+        "assistant",
+        "",
+        status="streaming",
+        settings={"temperature": 0.2, "max_new_tokens": 512},
+        model="deepseek-vl-7b",
+    )
+    store.update_message(a, text="A cat")
+    store.update_message(
+        a, text="A cat on a mat.", status="complete", timings={"ttft": 0.4, "tokens_per_s": 21.5}
+    )
+
+    messages = store.get_conversation(cid)["messages"]
+    assert [(m["id"], m["role"], m["text"], m["status"]) for m in messages] == [
+        (u, "user", "What is in this picture?", "complete"),
+        (a, "assistant", "A cat on a mat.", "complete"),
+    ]
+    assert [m["position"] for m in messages] == [0, 1]
+    assert messages[1]["settings"] == {"temperature": 0.2, "max_new_tokens": 512}
+    assert messages[1]["timings"] == {"ttft": 0.4, "tokens_per_s": 21.5}
+    assert messages[1]["model"] == "deepseek-vl-7b"
+
+    store.update_message(a, status="failed", error="CUDA out of memory")
+    failed = store.get_conversation(cid)["messages"][1]
+    assert (failed["status"], failed["error"], failed["text"]) == (
+        "failed",
+        "CUDA out of memory",
+        "A cat on a mat.",
+    )
+
+
+def test_bad_message_input_is_rejected(store):
+    cid = store.create_conversation()
+    mid = store.add_message(cid, "user", "hello")
+    before = store.get_conversation(cid)
+    with pytest.raises(StoreError, match="role"):
+        store.add_message(cid, "system", "x")
+    with pytest.raises(StoreError, match="status"):
+        store.add_message(cid, "assistant", "x", status="done")
+    with pytest.raises(StoreError, match="unknown attachment"):
+        store.add_message(cid, "user", "x", attachments=["0" * 64])
+    with pytest.raises(StoreError, match="sha256"):
+        store.add_message(cid, "user", "x", attachments=["../../etc/passwd"])
+    with pytest.raises(StoreError, match="settings"):
+        store.add_message(cid, "assistant", "x", settings={"f": object()})
+    with pytest.raises(StoreError, match="status"):
+        store.update_message(mid, status="weird")
+    with pytest.raises(StoreError, match="unknown message"):
+        store.update_message(12345, text="x")
+    with pytest.raises(StoreError, match="unknown message"):
+        store.delete_message(12345)
+    assert store.get_conversation(cid) == before
+
+
+def test_auto_title_from_first_user_message(store):
+    cid = store.create_conversation()
+    store.add_message(cid, "assistant", "Hello! How can I help?")
+    assert store.get_conversation(cid)["title"] is None
+    long_text = "Describe   this\nchart " + "with many words " * 10
+    store.add_message(cid, "user", long_text)
+    title = store.get_conversation(cid)["title"]
+    assert title.startswith("Describe this chart with many words")
+    assert title.endswith("…") and len(title) <= 61
+    store.add_message(cid, "user", "second question")
+    assert store.get_conversation(cid)["title"] == title
+
+    titled = store.create_conversation("Mine")
+    store.add_message(titled, "user", "something else")
+    assert store.get_conversation(titled)["title"] == "Mine"
+
+
+def test_list_newest_first_and_paging(store):
+    a = store.create_conversation("a")
+    b = store.create_conversation("b")
+    c = store.create_conversation("c")
+    assert [x["id"] for x in store.list_conversations()] == [c, b, a]
+    store.add_message(a, "user", "bump")
+    listed = store.list_conversations()
+    assert [x["id"] for x in listed] == [a, c, b]
+    assert listed[0]["message_count"] == 1 and listed[1]["message_count"] == 0
+    assert [x["id"] for x in store.list_conversations(limit=2)] == [a, c]
+    assert [x["id"] for x in store.list_conversations(limit=2, offset=2)] == [b]
+
+
+def test_delete_message_and_messages_from(store):
+    cid = store.create_conversation()
+    ids = [
+        store.add_message(cid, role, f"turn{i} hello")
+        for i, role in enumerate(["user", "assistant", "user", "assistant", "user"])
+    ]
+    store.delete_message(ids[1])
+    assert [m["id"] for m in store.get_conversation(cid)["messages"]] == [ids[0], *ids[2:]]
+    assert store.delete_messages_from(ids[3]) == 2
+    assert [m["id"] for m in store.get_conversation(cid)["messages"]] == [ids[0], ids[2]]
+    assert {h["message_id"] for h in store.search("hello")} == {ids[0], ids[2]}
+    # New messages go after the survivors, and ids are never reused.
+    new = store.add_message(cid, "assistant", "again")
+    messages = store.get_conversation(cid)["messages"]
+    assert messages[-1]["id"] == new and new > max(ids)
+    assert [m["position"] for m in messages] == sorted(m["position"] for m in messages)
+
+
+def test_threads_share_one_store(store):
+    cid = store.create_conversation()
+    errors = []
+
+    def work(n):
+        try:
+            for i in range(25):
+                mid = store.add_message(cid, "assistant", "", status="streaming")
+                store.update_message(mid, text=f"thread {n} message {i}", status="complete")
+                store.list_conversations()
+                store.search("thread")
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    messages = store.get_conversation(cid)["messages"]
+    assert len(messages) == 100
+    assert sorted(m["position"] for m in messages) == list(range(100))
+
+
+# -- attachments ------------------------------------------------------------
+
+
+def test_attachment_dedup(tmp_path, store):
+    data = png("red")
+    sha1 = store.add_attachment(data, "cat.png", "image/png")
+    sha2 = store.add_attachment(data, "same-cat-again.png")
+    assert sha1 == sha2
+    assert len(files(tmp_path)) == 1
+    info = store.get_attachment(sha1)
+    assert (info["mime"], info["name"], info["size"], info["width"], info["height"]) == (
+        "image/png",
+        "cat.png",
+        len(data),
+        4,
+        3,
+    )
+    path = store.attachment_path(sha1)
+    assert path == tmp_path / "attachments" / sha1[:2] / f"{sha1}.png"
+    assert path.read_bytes() == data
+    assert store._conn.execute("SELECT count(*) FROM attachments").fetchone()[0] == 1
+
+    # Mime is sniffed when not given; directories in names are dropped.
+    sha3 = store.add_attachment(png("blue"), "C:\\Users\\me\\shot.png")
+    assert store.get_attachment(sha3)["mime"] == "image/png"
+    assert store.get_attachment(sha3)["name"] == "shot.png"
+    with pytest.raises(StoreError):
+        store.add_attachment(b"")
+    with pytest.raises(StoreError, match="mime"):
+        store.add_attachment(b"abc", mime="not a mime")
+    with pytest.raises(StoreError, match="unknown attachment"):
+        store.attachment_path("f" * 64)
+
+
+def test_attachment_files_removed_only_when_unreferenced(tmp_path, store):
+    shared, only_b = png("red"), png("green")
+    s_shared = store.add_attachment(shared, "shared.png")
+    s_only_b = store.add_attachment(only_b, "b.png")
+    a = store.create_conversation()
+    b = store.create_conversation()
+    store.add_message(a, "user", "look", attachments=[s_shared])
+    b_msg = store.add_message(b, "user", "look too", attachments=[s_shared, s_only_b])
+    store.add_message(b, "assistant", "nice")
+
+    conv = store.get_conversation(b)
+    assert [x["sha256"] for x in conv["messages"][0]["attachments"]] == [s_shared, s_only_b]
+    assert Path(conv["messages"][0]["attachments"][1]["path"]).read_bytes() == only_b
+
+    store.delete_messages_from(b_msg)
+    assert store.attachment_path(s_shared).exists()
+    assert not (tmp_path / "attachments" / s_only_b[:2] / f"{s_only_b}.png").exists()
+    with pytest.raises(StoreError):
+        store.get_attachment(s_only_b)
+
+    store.delete_conversation(a)
+    assert files(tmp_path) == []
+    assert store._conn.execute("SELECT count(*) FROM attachments").fetchone()[0] == 0
+
+    # The same bytes can be added again afterwards.
+    again = store.add_attachment(shared, "shared.png")
+    assert store.attachment_path(again).read_bytes() == shared
+
+
+def test_collect_garbage(tmp_path, store):
+    unused = store.add_attachment(png("red"), "unused.png")
+    used = store.add_attachment(png("blue"), "used.png")
+    store.add_message(store.create_conversation(), "user", "x", attachments=[used])
+    stray = tmp_path / "attachments" / "ee" / ("e" * 64 + ".png")
+    stray.parent.mkdir()
+    stray.write_bytes(b"left over")
+
+    assert store.collect_garbage() == 1  # the stray file; the fresh upload stays
+    assert store.attachment_path(unused).exists()
+    assert store.collect_garbage(min_age=0) == 1
+    assert [p.name for p in files(tmp_path)] == [store.attachment_path(used).name]
+
+
+# -- deletion really deletes --------------------------------------------------
+
+
+def test_delete_removes_rows_fts_entries_and_bytes(tmp_path, store):
+    keep = store.create_conversation("keep")
+    store.add_message(keep, "user", "an ordinary message about cats")
+    gone = store.create_conversation()
+    store.add_message(gone, "user", "my secret is zqxjvelociraptor please forget it")
+    store.add_message(gone, "assistant", "noted zqxjvelociraptor")
+    assert len(store.search("zqxjvelociraptor")) == 2
+
+    store.delete_conversation(gone)
+    assert store.search("zqxjvelociraptor") == []
+    assert store._conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
+    assert store.search("cats")[0]["conversation_id"] == keep
+    store.close()
+    raw = b"".join(
+        p.read_bytes() for p in tmp_path.glob("history.db*") if p.is_file()
+    )
+    assert b"zqxjvelociraptor" not in raw
+    assert b"forget it" not in raw
+
+
+# -- search -------------------------------------------------------------------
+
+
+@pytest.fixture
+def searchable(store):
+    cid = store.create_conversation("Search me")
+    store.add_message(cid, "user", 'He said "hello world" (twice) AND left.')
+    store.add_message(cid, "assistant", "Café crème, naïve résumé. 日本語 テキスト. Emoji 🐱 cat")
+    return store
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        '"foo',
+        '"hello',
+        "AND (",
+        "(",
+        ")",
+        "AND",
+        "OR NOT",
+        "NEAR(hello world)",
+        "hello AND",
+        "*",
+        "hel*lo",
+        "-hello",
+        "^hello",
+        "col:hello",
+        "text:hello",
+        "hello\x00world",
+        "'; DROP TABLE messages; --",
+        "🐱",
+        "\\",
+        '""""',
+        "{hello}",
+        "a" * 1000,
+    ],
+)
+def test_search_never_raises(searchable, query):
+    hits = searchable.search(query)
+    assert isinstance(hits, list)
+    assert searchable._conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
+
+
+@pytest.mark.parametrize(
+    "query, expected",
+    [
+        ("hello", 1),
+        ('"hello', 1),
+        ("hello world", 1),
+        ('"hello world"', 1),
+        ("(twice)", 1),
+        ("and", 1),  # an ordinary word, not an operator
+        ("HELLO", 1),
+        ("cafe", 1),  # diacritics folded
+        ("résumé", 1),
+        ("日本語", 1),
+        ("hel*", 1),  # prefix
+        ("hel", 0),
+        ("hello cat", 0),  # all words must match
+        ("", 0),
+        ("   ", 0),
+        ("🐱", 0),
+    ],
+)
+def test_search_matches(searchable, query, expected):
+    assert len(searchable.search(query)) == expected
+
+
+def test_search_hit_shape(searchable):
+    (hit,) = searchable.search("crème", highlight=("<b>", "</b>"))
+    assert hit["title"] == "Search me"
+    assert hit["role"] == "assistant"
+    assert "<b>crème</b>" in hit["snippet"]
+    assert set(hit) == {"conversation_id", "title", "message_id", "role", "created_at", "snippet"}
+
+
+def test_streaming_text_is_indexed_once_settled(store):
+    cid = store.create_conversation()
+    mid = store.add_message(cid, "assistant", "", status="streaming")
+    store.update_message(mid, text="partial pterodactyl")
+    assert store.search("pterodactyl") == []
+    store.update_message(mid, text="partial pterodactyl done", status="stopped")
+    assert [h["message_id"] for h in store.search("pterodactyl")] == [mid]
+    store.update_message(mid, text="rewritten")
+    assert store.search("pterodactyl") == []
+    assert len(store.search("rewritten")) == 1
+    # The index is consistent with the table.
+    store._conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+
+
+def test_fts_query_quotes_everything():
+    assert fts_query('say "hi" AND (x)') == '"say" """hi""" "AND" "(x)"'
+    assert fts_query("pre*") == '"pre"*'
+    assert fts_query(" * \x00 ") == ""
+
+
+# -- export / import ----------------------------------------------------------
+
+
+def make_rich_conversation(store) -> str:
+    cid = store.create_conversation(
+        "Pictures", model="deepseek-vl-7b", system_prompt="You are helpful."
+    )
+    red, blue = png("red", (5, 7)), png("blue")
+    s_red = store.add_attachment(red, "red.png")
+    s_blue = store.add_attachment(blue, "blue [1].png")
+    store.add_message(cid, "user", "Compare these *two* images", attachments=[s_red, s_blue])
+    a = store.add_message(cid, "assistant", "", status="streaming", settings={"temperature": 0.7})
+    store.update_message(
+        a, text="The first is red, the second blue.", status="complete", timings={"ttft": 0.25}
+    )
+    store.add_message(cid, "user", "And this one?", attachments=[s_red])
+    b = store.add_message(cid, "assistant", "It is red", status="streaming")
+    store.update_message(b, status="stopped")
+    return cid
+
+
+def comparable(conv: dict, store: Store) -> list:
+    return [
+        (
+            m["role"],
+            m["text"],
+            m["status"],
+            m["settings"],
+            m["timings"],
+            m["created_at"],
+            [(a["name"], a["mime"], Path(a["path"]).read_bytes()) for a in m["attachments"]],
+        )
+        for m in conv["messages"]
+    ]
+
+
+def test_export_import_round_trip(tmp_path, store):
+    cid = make_rich_conversation(store)
+    exported = store.export_conversation(cid)
+    text = json.dumps(exported)  # JSON-serializable
+    assert exported["format"] == "deepseek-vl-local/conversation"
+    assert len(exported["attachments"]) == 2  # red is stored once
+
+    # Into a fresh store (another machine), from the JSON text.
+    with Store(tmp_path / "other") as other:
+        new_id = other.import_conversation(text)
+        assert new_id != cid
+        original, imported = store.get_conversation(cid), other.get_conversation(new_id)
+        assert comparable(imported, other) == comparable(original, store)
+        for key in ("title", "model", "system_prompt", "created_at"):
+            assert imported[key] == original[key]
+
+    # Into the same store: attachments are shared, not duplicated.
+    again = store.import_conversation(exported)
+    assert comparable(store.get_conversation(again), store) == comparable(
+        store.get_conversation(cid), store
+    )
+    assert len(files(tmp_path)) == 2
+    store.delete_conversation(cid)
+    assert len(files(tmp_path)) == 2  # still used by the imported copy
+
+
+def test_export_markdown(store):
+    cid = make_rich_conversation(store)
+    md = store.export_markdown(cid)
+    conv = store.get_conversation(cid)
+    red = conv["messages"][0]["attachments"][0]
+    assert md.startswith("# Pictures\n")
+    assert "You are helpful." in md
+    assert "## User" in md and "## Assistant" in md
+    assert "Compare these *two* images" in md
+    assert "The first is red, the second blue." in md
+    assert f"![red.png]({red['sha256']}.png)" in md
+    assert "![blue 1.png](" in md  # brackets can't break the link
+    assert "_(stopped)_" in md
+    assert md.index("Compare these") < md.index("The first is red") < md.index("And this one?")
+
+
+def corrupt_variants(good: dict):
+    def variant(mutate):
+        data = copy.deepcopy(good)
+        mutate(data)
+        return data
+
+    sha = good["attachments"][0]["sha256"]
+    yield "not json {", "JSON"
+    yield "[1, 2]", "object"
+    yield variant(lambda d: d.update(format="something-else")), "format"
+    yield variant(lambda d: d.update(version=99)), "version"
+    yield variant(lambda d: d.pop("messages")), "messages"
+    yield variant(lambda d: d.update(messages="nope")), "messages"
+    yield variant(lambda d: d["messages"].append("nope")), r"messages\[4\]"
+    yield variant(lambda d: d["messages"][1].update(role="system")), "role"
+    yield variant(lambda d: d["messages"][1].update(status="done")), "status"
+    yield variant(lambda d: d["messages"][1].update(text=None)), "text"
+    yield variant(lambda d: d["messages"][1].update(settings=[1])), "settings"
+    yield variant(lambda d: d["messages"][1].update(created_at="yesterday")), "timestamp"
+    yield variant(lambda d: d["messages"][2].update(attachments=["0" * 64])), "not in the file"
+    yield variant(lambda d: d["conversation"].update(title=42)), "title"
+    yield variant(lambda d: d.pop("conversation")), "conversation"
+    yield variant(lambda d: d["attachments"][0].update(data="!!!not base64!!!")), "base64"
+    yield variant(lambda d: d["attachments"][0].update(data="aGVsbG8=")), "sha256"
+    yield variant(lambda d: d["attachments"][0].update(sha256="../../evil")), "sha256"
+    yield variant(lambda d: d["attachments"][0].update(mime=None)), "mime"
+    yield variant(lambda d: d.update(attachments={sha: 1})), "attachments"
+
+
+def test_corrupt_imports_raise_and_change_nothing(tmp_path, store):
+    cid = make_rich_conversation(store)
+    good = store.export_conversation(cid)
+    # An empty target directory for the attachments in the file, too.
+    other_dir = tmp_path / "other"
+    with Store(other_dir) as other:
+        other.add_message(other.create_conversation(), "user", "hello existing")
+        before = snapshot(other_dir), snapshot(tmp_path)
+        for data, message in corrupt_variants(good):
+            with pytest.raises(StoreError, match=message):
+                other.import_conversation(data)
+            with pytest.raises(StoreError, match=message):
+                store.import_conversation(data)
+        assert (snapshot(other_dir), snapshot(tmp_path)) == before
+
+
+def test_import_failing_half_way_leaves_nothing(tmp_path, monkeypatch):
+    with Store(tmp_path / "src") as src:
+        good = src.export_conversation(make_rich_conversation(src))
+    target = tmp_path / "dst"
+    with Store(target) as store:
+        store.add_message(store.create_conversation(), "user", "hello existing")
+        before = snapshot(target)
+        real = Store._insert_message
+        calls = []
+
+        def flaky(self, *args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise sqlite3.OperationalError("disk I/O error")
+            return real(self, *args)
+
+        monkeypatch.setattr(Store, "_insert_message", flaky)
+        with pytest.raises(sqlite3.OperationalError):
+            store.import_conversation(good)
+        assert snapshot(target) == before
+        assert files(target) == []
+        monkeypatch.setattr(Store, "_insert_message", real)
+        store.import_conversation(good)  # still works afterwards
+        assert len(store.list_conversations()) == 2
+
+
+# -- several processes ---------------------------------------------------------
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from app.store import Store
+data_dir, shared, name, go = sys.argv[1:5]
+store = Store(Path(data_dir))
+own = store.create_conversation(name)
+sha = store.add_attachment(b"same bytes in both processes", "shared.bin")
+while not Path(go).exists():
+    time.sleep(0.01)
+for i in range(200):
+    store.add_message(own, "user", f"{name} own {i}")
+    mid = store.add_message(shared, "assistant", "", status="streaming",
+                            attachments=[sha] if i % 50 == 0 else [])
+    store.update_message(mid, text=f"{name} shared {i}", status="complete")
+print(own)
+"""
+
+
+def test_two_processes_write_concurrently(tmp_path):
+    with Store(tmp_path) as store:
+        shared = store.create_conversation("shared")
+    go = tmp_path / "go"
+    procs = [run_python(WRITER, str(tmp_path), shared, name, str(go)) for name in ("alpha", "beta")]
+    go.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err
+        assert "locked" not in err
+    own_ids = [out.strip() for out, _ in results]
+
+    with Store(tmp_path) as store:
+        for name, own in zip(("alpha", "beta"), own_ids):
+            texts = [m["text"] for m in store.get_conversation(own)["messages"]]
+            assert texts == [f"{name} own {i}" for i in range(200)]
+        messages = store.get_conversation(shared)["messages"]
+        assert len(messages) == 400
+        assert [m["position"] for m in messages] == list(range(400))
+        for name in ("alpha", "beta"):
+            mine = [m["text"] for m in messages if m["text"].startswith(name)]
+            assert mine == [f"{name} shared {i}" for i in range(200)]  # in order
+        assert sum(len(m["attachments"]) for m in messages) == 8
+        assert len(files(tmp_path)) == 1
+        assert len(store.search("shared")) == 20  # limit
+        assert len(store.search("shared", limit=1000)) == 400
+
+
+KILLED = """
+import sys, time
+from pathlib import Path
+from app.store import Store
+store = Store(Path(sys.argv[1]))
+cid = store.create_conversation()
+user = store.add_message(cid, "user", "Tell me a long story")
+answer = store.add_message(cid, "assistant", "", status="streaming")
+text = ""
+for word in ["Once", "upon", "a", "time"]:
+    text += word + " "
+    store.update_message(answer, text=text)
+print(cid, user, answer, flush=True)
+time.sleep(60)
+"""
+
+
+def test_process_killed_mid_answer_is_recovered(tmp_path):
+    Store(tmp_path).close()
+    proc = run_python(KILLED, str(tmp_path))
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+    finally:
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait(timeout=30)
+    cid, user_id, answer_id = line.split()
+
+    with Store(tmp_path) as store:
+        assert store.get_conversation(cid)["messages"][1]["status"] == "streaming"
+        assert store.recover_interrupted() == 1
+        messages = store.get_conversation(cid)["messages"]
+        assert [(m["id"], m["role"], m["text"], m["status"]) for m in messages] == [
+            (int(user_id), "user", "Tell me a long story", "complete"),
+            (int(answer_id), "assistant", "Once upon a time ", "stopped"),
+        ]
+        assert [h["message_id"] for h in store.search("upon")] == [int(answer_id)]
+        assert store.recover_interrupted() == 0
+
+
+def test_recover_interrupted_can_spare_live_answers(store):
+    cid = store.create_conversation()
+    live = store.add_message(cid, "assistant", "still going", status="streaming")
+    assert store.recover_interrupted(idle_for=60) == 0
+    assert store.get_conversation(cid)["messages"][0]["status"] == "streaming"
+    assert store.recover_interrupted() == 1
+    assert store.get_conversation(cid)["messages"][0]["id"] == live
