@@ -1,0 +1,6 @@
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# The reference vectors of the official code; further case sets in the same layout can be dropped in.
+REFERENCE_DIR = Path(os.environ.get("DSVL_REFERENCE_DIR") or REPO.parent / "shared" / "reference")
