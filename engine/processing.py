@@ -372,17 +372,13 @@ class VLChatProcessor:
         images: Sequence[ImageSource] = (),
         system_prompt: str | None = None,
     ) -> Prepared:
-        prompt = self.build_prompt(messages, system_prompt)
-        ids = torch.tensor(self.tokenizer.encode(prompt), dtype=torch.long)
-        n_slots = int((ids == self.image_id).sum())
+        prompt, ids = self.encode(messages, system_prompt)
+        n_slots = int((ids == self.image_id).sum()) // self.num_image_tokens
         if n_slots != len(images):
             raise ValueError(
                 f"The prompt has {n_slots} {self.image_token} placeholder(s) "
                 f"but {len(images)} image(s) were given."
             )
-        # Official add_image_token: each placeholder becomes num_image_tokens copies of its id.
-        repeats = torch.where(ids == self.image_id, self.num_image_tokens, 1)
-        ids = ids.repeat_interleave(repeats)
         return Prepared(
             input_ids=ids,
             images_seq_mask=ids == self.image_id,
@@ -391,10 +387,17 @@ class VLChatProcessor:
             prompt=prompt,
         )
 
+    def encode(self, messages: Sequence[dict[str, str]], system_prompt: str | None = None) -> tuple[str, torch.Tensor]:
+        """The prompt string and its token ids, each image placeholder expanded to its image-token slots."""
+        prompt = self.build_prompt(messages, system_prompt)
+        ids = torch.tensor(self.tokenizer.encode(prompt), dtype=torch.long)
+        # Official add_image_token: each placeholder becomes num_image_tokens copies of its id.
+        repeats = torch.where(ids == self.image_id, self.num_image_tokens, 1)
+        return prompt, ids.repeat_interleave(repeats)
+
     def token_cost(self, messages: Sequence[dict[str, str]], system_prompt: str | None = None) -> int:
         """Sequence length ``process`` would produce, without touching any image."""
-        ids = self.tokenizer.encode(self.build_prompt(messages, system_prompt))
-        return len(ids) + ids.count(self.image_id) * (self.num_image_tokens - 1)
+        return len(self.encode(messages, system_prompt)[1])
 
     def collate(self, samples: Sequence[Prepared]) -> Batch:
         if not samples:
