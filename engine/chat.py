@@ -25,6 +25,7 @@ from .runtime import Runtime
 
 USER, ASSISTANT = "User", "Assistant"
 OVERFLOW_POLICIES = ("error", "drop_oldest")
+MIN_ANSWER_ROOM = 64  # tokens a prompt must leave free to be answered at all
 
 
 class ContextOverflow(ValueError):
@@ -110,8 +111,7 @@ class ChatSession:
             raise ValueError("the last user turn has no answer yet; generate, or edit the last turn")
         keys = [self.add_image(img) for img in images]
         turn = Turn(USER, text, keys)
-        self._fit(self.turns + [turn], reserve)
-        self.turns.append(turn)
+        self.turns = self._fit(self.turns + [turn], reserve)
         return turn
 
     def edit_last_user(self, text: str, images: Sequence[ImageSource] | None = None, *, reserve: int = 512) -> Turn:
@@ -119,8 +119,7 @@ class ChatSession:
         index = self._last_user_index()
         keys = self.turns[index].images if images is None else [self.add_image(img) for img in images]
         turn = Turn(USER, text, keys)
-        self._fit(self.turns[:index] + [turn], reserve)
-        self.turns[index:] = [turn]
+        self.turns = self._fit(self.turns[:index] + [turn], reserve)
         return turn
 
     def drop_last_answer(self) -> None:
@@ -170,21 +169,23 @@ class ChatSession:
         used = len(self._encode(self.turns)[0]) if self.turns else len(self._encode([Turn(USER, "")])[0])
         return Budget(self.context_limit, used, reserve, self.processor.num_image_tokens)
 
-    def _fit(self, turns: list[Turn], reserve: int) -> None:
-        """Enforce the context window on `turns` (in place for drop_oldest), dropping whole turns only."""
+    def _fit(self, turns: list[Turn], reserve: int) -> list[Turn]:
+        """`turns` if they fit the context window with `reserve` tokens left for the answer; under
+        "drop_oldest", without their oldest whole turns. Never cuts inside a turn (or an image)."""
         def needed(ts):
             return len(self._encode(ts)[0]) + reserve
         need = needed(turns)
         if need <= self.context_limit:
-            return
+            return turns
         if self.overflow == "drop_oldest":
-            while len(turns) > 1 and need > self.context_limit:
-                del turns[: 2 if len(turns) > 2 and turns[1].role == ASSISTANT else 1]
-                self.dropped_turns += 1
-                need = needed(turns)
+            kept = list(turns)
+            while len(kept) > 1 and need > self.context_limit:
+                dropped = 2 if len(kept) > 2 and kept[1].role == ASSISTANT else 1
+                del kept[:dropped]
+                self.dropped_turns += dropped
+                need = needed(kept)
             if need <= self.context_limit:
-                self.turns = [t for t in self.turns if t in turns]
-                return
+                return kept
         n_img = sum(len(t.images) for t in turns)
         raise ContextOverflow(
             f"this conversation needs {need} tokens ({n_img} image(s) × {self.processor.num_image_tokens} tokens, "
@@ -256,10 +257,16 @@ class ChatSession:
         params = params or SamplingParams()
         if not self.turns or self.turns[-1].role != USER:
             raise ValueError("add a user turn first")
-        cancel = cancel or self.cancel_event
-        cancel.clear()
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this session is already generating")
+        try:
+            # Room for at least a short answer; a longer max_new_tokens is capped to the window below.
+            self.turns = self._fit(self.turns, min(params.max_new_tokens, MIN_ANSWER_ROOM))
+        except BaseException:
+            self._lock.release()
+            raise
+        cancel = cancel or self.cancel_event
+        cancel.clear()
         tokenizer = self.processor.tokenizer
         stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         stop_strings = list(self.processor.template.stop_str)
@@ -269,8 +276,7 @@ class ChatSession:
         start = time.perf_counter()
         try:
             ids, keys = self._encode(self.turns)
-            self._fit(self.turns, params.max_new_tokens)
-            ids, keys = self._encode(self.turns)
+            params = params.with_(max_new_tokens=min(params.max_new_tokens, self.context_limit - len(ids)))
             logits = self._prefill(ids, keys)
             stats.finish = "length"
             tokens = decode(self.runtime.model, self._cache, logits, Sampler(params), history=ids,

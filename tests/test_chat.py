@@ -1,0 +1,175 @@
+"""Chat sessions on the embedded demo model: cache reuse equals full recompute, stop, budget, sampling."""
+
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from engine.chat import ASSISTANT, USER, ChatSession, ContextOverflow, Turn, _first_stop, _safe_prefix
+from engine.demo import DEMO_DIR
+from engine.generation import SamplingParams
+from engine.runtime import Runtime
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    return Runtime.load(DEMO_DIR)
+
+
+def picture(color, size=(320, 200)):
+    return Image.new("RGB", size, color)
+
+
+def fresh_answer(runtime, session: ChatSession) -> tuple[str, ChatSession]:
+    """The same conversation computed from scratch by a new session."""
+    other = ChatSession(runtime, session.system_prompt)
+    other.images = dict(session.images)
+    other.turns = [Turn(t.role, t.text, list(t.images)) for t in session.turns]
+    return other.answer(GREEDY), other
+
+
+def test_multi_turn_reuse_equals_full_recompute(runtime):
+    session = ChatSession(runtime)
+    colors = ["red", "green", "blue", "yellow"]
+    for turn, color in enumerate(colors):
+        session.add_user(f"What colour is picture {turn}?", [picture(color)])
+        expected, _ = fresh_answer(runtime, session)
+        assert session.answer(GREEDY) == expected
+        stats = session.last_stats
+        assert stats.new_images == 1  # only this turn's image was encoded
+        if turn:
+            assert stats.reused_tokens > 576 * turn  # earlier turns came from the KV cache
+    assert [t.role for t in session.turns] == [USER, ASSISTANT] * len(colors)
+
+
+def test_regenerate_rolls_back_instead_of_recomputing(runtime):
+    session = ChatSession(runtime)
+    session.add_user("Describe this.", [picture("purple")])
+    first = session.answer(GREEDY)
+    session.drop_last_answer()
+    again = session.answer(GREEDY)
+    assert again == first
+    assert session.last_stats.reused_tokens == session.last_stats.prompt_tokens - 1
+    assert session.last_stats.new_images == 0
+
+
+def test_edit_last_turn_equals_fresh_session(runtime):
+    session = ChatSession(runtime)
+    session.add_user("First question", [picture("orange")])
+    session.answer(GREEDY)
+    session.add_user("Second question", [picture("cyan")])
+    session.answer(GREEDY)
+    session.edit_last_user("A different second question", [picture("black")])
+    expected, _ = fresh_answer(runtime, session)
+    assert session.answer(GREEDY) == expected
+    assert session.last_stats.reused_tokens > 576  # the first turn was not recomputed
+
+
+def test_same_picture_reuses_its_embedding(runtime):
+    session = ChatSession(runtime)
+    session.add_user("one", [picture("red")])
+    session.answer(GREEDY)
+    session.add_user("again", [picture("red")])
+    session.answer(GREEDY)
+    assert session.last_stats.new_images == 0
+
+
+def test_stop_ends_generation_within_one_step(runtime):
+    session = ChatSession(runtime)
+    session.add_user("Tell me a very long story.")
+    params = SamplingParams(temperature=0.0, max_new_tokens=3000)
+    pieces = []
+    stopper = None
+    for piece in session.stream(params):
+        pieces.append(piece)
+        if stopper is None:
+            stopper = threading.Thread(target=session.cancel)
+            stopper.start()
+            stopper.join()
+    assert session.last_stats.finish == "cancelled"
+    assert session.last_stats.tokens <= 3  # the token in flight, at most
+    assert session.turns[-1].role == ASSISTANT and session.turns[-1].text == "".join(pieces).strip()
+    # The session stays usable, and the partial answer is part of the history.
+    session.add_user("continue")
+    assert isinstance(session.answer(GREEDY), str)
+
+
+def test_stop_from_another_thread_frees_the_worker(runtime):
+    session = ChatSession(runtime)
+    session.add_user("Go on forever.")
+    done = threading.Event()
+
+    def worker():
+        for _ in session.stream(SamplingParams(max_new_tokens=100_000)):
+            pass
+        done.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    time.sleep(0.5)
+    session.cancel()
+    assert done.wait(5), "generation kept running after Stop"
+    thread.join()
+
+
+def test_overflow_is_refused_before_anything_changes(runtime):
+    session = ChatSession(runtime, context_limit=1500)
+    session.add_user("one", [picture("red")])
+    session.answer(GREEDY)
+    before = list(session.turns)
+    with pytest.raises(ContextOverflow, match=r"context window is 1500"):
+        session.add_user("two", [picture("green"), picture("blue")], reserve=64)
+    assert session.turns == before
+
+
+def test_drop_oldest_policy_drops_whole_turns(runtime):
+    session = ChatSession(runtime, context_limit=1250, overflow="drop_oldest")
+    session.add_user("one", [picture("red")])
+    session.answer(GREEDY)
+    session.add_user("two", [picture("green")], reserve=64)
+    assert [t.text for t in session.turns] == ["two"]
+    assert session.dropped_turns == 2
+    assert isinstance(session.answer(GREEDY.with_(max_new_tokens=8)), str)
+
+
+def test_a_single_turn_too_big_is_an_error_even_when_dropping(runtime):
+    session = ChatSession(runtime, context_limit=1000, overflow="drop_oldest")
+    with pytest.raises(ContextOverflow, match="2 image"):
+        session.add_user("two pictures", [picture("red"), picture("blue")])
+
+
+def test_budget_counts_images(runtime):
+    session = ChatSession(runtime)
+    empty = session.budget(reserve=100)
+    session.add_user("hi", [picture("red"), picture("blue")])
+    budget = session.budget(reserve=100)
+    assert budget.used - empty.used >= 2 * 576
+    assert budget.limit == runtime.config.max_context
+    assert budget.images_left == budget.left // 576
+
+
+def test_sampling_with_a_seed_is_reproducible(runtime):
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, repetition_penalty=1.1, max_new_tokens=10, seed=7)
+    answers = []
+    for _ in range(2):
+        session = ChatSession(runtime)
+        session.add_user("Say something.")
+        answers.append(session.answer(params))
+    assert answers[0] == answers[1]
+
+
+def test_invalid_sampling_parameters():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+
+
+def test_stop_strings_are_held_back_and_cut():
+    stops = ["User:", "<｜end▁of▁sentence｜>"]
+    assert _safe_prefix("Hello Us", stops) == "Hello "
+    assert _safe_prefix("Hello", stops) == "Hello"
+    assert _first_stop("Answer.\n\nUser: next", stops) == len("Answer.\n\n")
