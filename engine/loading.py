@@ -155,20 +155,22 @@ def load_model(
         prepare(model)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
-    entries = {}
-    for key, loader, shape in iter_checkpoint(files):
-        key = layouts.map_key(key, layout)
-        entries[key] = (loader, shape)
+    checkpoint = {key: (loader, shape) for key, loader, shape in iter_checkpoint(files)}
+    try:
+        # Checkpoint keys → ours; for the community layout several tensors may merge into one of ours.
+        entries = layouts.remap(checkpoint, layout, expected)
+    except ConfigError as e:
+        raise LoadError(f"{directory}: {e}") from e
     missing = set(expected) - set(entries)
     unexpected = set(entries) - set(expected)
     if missing or unexpected:
-        parts = [f"{directory} does not match the architecture its config.json describes."]
+        parts = [f"{directory} ({layout} layout) does not match the architecture its config.json describes."]
         if missing:
             parts.append(f"Missing keys ({len(missing)}): {_describe(missing)}.")
         if unexpected:
             parts.append(f"Unexpected keys ({len(unexpected)}): {_describe(unexpected)}.")
         raise LoadError(" ".join(parts))
-    wrong = {k for k, (_, shape) in entries.items() if layouts.map_shape(k, shape, layout) != expected[k]}
+    wrong = {k for k, (_, shape) in entries.items() if tuple(shape) != expected[k]}
     if wrong:
         k = sorted(wrong)[0]
         raise LoadError(f"{len(wrong)} tensors have the wrong shape, e.g. {k}: checkpoint {entries[k][1]}, model {expected[k]}")
@@ -178,7 +180,7 @@ def load_model(
     for done, (key, (loader, _)) in enumerate(entries.items(), 1):
         if cancel is not None and cancel.is_set():
             raise LoadCancelled("model load cancelled")
-        tensor = layouts.map_tensor(key, loader(), layout)
+        tensor = loader()
         state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         if progress is not None:
             progress("weights", done, total)
