@@ -1,0 +1,731 @@
+"""The application service between the UI and the engine: the model loading in the background, and chat
+conversations kept in the Store and answered by engine ChatSessions. No widgets here.
+
+The Store is the one source of truth for a conversation; a ChatSession is only a cache (KV cache, image
+embeddings, decoded images). Before every answer the session's turns are rebuilt from the stored messages,
+and the session's longest-common-prefix reuse makes that cheap when nothing changed. So regenerate, edit and
+delete only change the store, and an app restarted on the same data directory continues a conversation
+exactly as the live one would have.
+
+Error reporting: the streaming methods (send, regenerate, edit_last) return iterators of StreamEvent and
+report every problem as an "error" event (after validation problems nothing has been stored); the other
+methods raise ChatError, or the subsystem's own user-facing error (PdfError, CaptureError).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Union
+
+from PIL import Image
+
+from engine.chat import ASSISTANT, MIN_ANSWER_ROOM, USER, ChatSession, Turn
+from engine.demo import DEMO_DIR, DEMO_NAME
+from engine.generation import SamplingParams
+from engine.loading import LoadCancelled, LoadError
+from engine.processing import ImageError, load_image
+from engine.runtime import Runtime
+
+from .store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+MAX_TEXT_CHARS = 100_000
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+REAL_MODEL_HINT = "python run_app.py --model deepseek-ai/deepseek-vl-7b-chat --load-4bit"
+SETTING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "system_prompt", "seed")
+
+ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image]
+
+
+class ChatError(ValueError):
+    """A problem the user can fix; the message is worded to be shown as is."""
+
+
+# ====================================================================== settings
+def parse_settings(settings: dict | None) -> tuple[SamplingParams, str | None]:
+    """The UI's settings dict -> (SamplingParams, system prompt or None for the default).
+
+    Missing or None values take the engine defaults; a blank system prompt means the default one.
+    Raises ChatError naming the bad setting.
+    """
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(SETTING_KEYS))
+    if unknown:  # a typo in a key would otherwise be silently ignored
+        raise ChatError(f"Unknown setting(s): {', '.join(unknown)}. Known settings: {', '.join(SETTING_KEYS)}.")
+    values: dict[str, Any] = {}
+    for key in ("temperature", "top_p", "repetition_penalty"):
+        if settings.get(key) is not None:
+            values[key] = _number(key, settings[key])
+    for key in ("top_k", "max_new_tokens"):
+        if settings.get(key) is not None:
+            values[key] = _whole(key, settings[key])
+    if settings.get("seed") not in (None, ""):
+        seed = _whole("seed", settings["seed"])
+        if seed < 0:
+            raise ChatError("Setting seed must be a whole number ≥ 0 (or empty for a random seed).")
+        values["seed"] = seed
+    try:
+        params = SamplingParams(**values)
+    except ValueError as e:
+        raise ChatError(f"Invalid setting: {e}.") from None
+    prompt = settings.get("system_prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ChatError("Setting system_prompt must be text.")
+    return params, (prompt if prompt and prompt.strip() else None)
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool):  # bool is an int subclass: True would pass as 1.0
+        raise ChatError(f"Setting {key} must be a number, got {value!r}.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ChatError(f"Setting {key} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise ChatError(f"Setting {key} must be a finite number, got {value!r}.")
+    return number
+
+
+def _whole(key: str, value: Any) -> int:
+    number = _number(key, value)
+    if number != int(number):  # UI number fields often hand over 512.0
+        raise ChatError(f"Setting {key} must be a whole number, got {value!r}.")
+    return int(number)
+
+
+def _settings_record(params: SamplingParams, system_prompt: str | None) -> dict:
+    """What is stored with each answer, so it can be shown and reproduced later."""
+    return {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+            "max_new_tokens": params.max_new_tokens, "repetition_penalty": params.repetition_penalty,
+            "seed": params.seed, "system_prompt": system_prompt}
+
+
+# ====================================================================== the model
+class LoadProgress(NamedTuple):
+    fraction: float  # 0..1
+    stage: str
+
+
+class ModelManager:
+    """Loads the Runtime in a background thread so the UI can show progress (and a clear error) meanwhile."""
+
+    def __init__(self, source: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None,
+                 quantization: str | None = None, *, loader: Callable[..., Runtime] = Runtime.load):
+        if quantization not in (None, "8bit", "4bit"):
+            raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
+        self.source = DEMO_DIR if source is None else source
+        self.device = None if device in (None, "", "auto") else device
+        self.dtype = None if dtype in (None, "", "auto") else dtype
+        self.quantization = quantization
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._finished = threading.Event()  # set when a load ends, either way
+        self._cancel = threading.Event()
+        self._status = "idle"
+        self._error: str | None = None
+        self._progress = LoadProgress(0.0, "not started")
+        self._runtime: Runtime | None = None
+
+    @classmethod
+    def from_runtime(cls, runtime: Runtime, source: str | os.PathLike | None = None) -> "ModelManager":
+        """A manager around an already loaded runtime (tests, embedding the service elsewhere)."""
+        manager = cls(runtime.directory if source is None else source, quantization=runtime.quantization)
+        manager._runtime, manager._status = runtime, "ready"
+        manager._progress = LoadProgress(1.0, "ready")
+        manager._finished.set()
+        return manager
+
+    # ------------------------------------------------------------------ state
+    @property
+    def status(self) -> str:
+        """"idle" (not started), "loading", "ready" or "failed"."""
+        return self._status
+
+    @property
+    def progress(self) -> LoadProgress:
+        return self._progress
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    @property
+    def runtime(self) -> Runtime | None:
+        return self._runtime
+
+    @property
+    def is_demo(self) -> bool:
+        try:
+            return Path(self.source).resolve() == DEMO_DIR.resolve()
+        except OSError:
+            return False
+
+    @property
+    def model_name(self) -> str:
+        if self.is_demo:
+            return DEMO_NAME
+        return self._runtime.name if self._runtime else str(self.source)
+
+    # ------------------------------------------------------------------ loading
+    def start(self) -> "ModelManager":
+        """Begin loading in the background (again after a failure); does nothing while loading or ready."""
+        with self._lock:
+            if self._status in ("loading", "ready"):
+                return self
+            self._status, self._error = "loading", None
+            self._progress = LoadProgress(0.0, "opening the checkpoint")
+            self._cancel.clear()
+            self._finished.clear()
+            threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+        return self
+
+    def _load(self) -> None:
+        runtime, error = None, None
+        try:
+            runtime = self._loader(self.source, device=self.device, dtype=self.dtype, quantization=self.quantization,
+                                   progress=self._on_progress, cancel=self._cancel)
+            if self._cancel.is_set():  # quantizing does not check the flag: honour a late cancel here
+                runtime, error = None, "Loading the model was cancelled."
+        except LoadCancelled:
+            error = "Loading the model was cancelled."
+        except LoadError as e:
+            error = str(e)
+        except Exception as e:  # anything else still has to reach the UI instead of dying with the thread
+            log.exception("loading %s failed", self.source)
+            error = f"Could not load the model {self.source}: {type(e).__name__}: {e}"
+        with self._lock:
+            self._runtime, self._error = runtime, error
+            self._status = "ready" if runtime is not None else "failed"
+            self._progress = LoadProgress(1.0, "ready") if runtime else LoadProgress(self._progress.fraction, "failed")
+        self._finished.set()
+
+    def _on_progress(self, stage: str, done: int, total: int) -> None:
+        part = done / total if total else 1.0
+        if stage == "quantize":  # loading the weights is the first 60%, quantizing the rest
+            fraction, text = 0.6 + 0.4 * part, f"quantizing to {self.quantization}"
+        else:
+            fraction, text = (0.6 if self.quantization else 1.0) * part, "loading weights"
+        self._progress = LoadProgress(min(1.0, fraction), f"{text} ({done}/{total})")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the current load to end; True when the model is ready."""
+        self._finished.wait(timeout)
+        return self._status == "ready"
+
+    def cancel(self) -> None:
+        """Stop an in-progress load (the status becomes "failed" with a cancelled message)."""
+        self._cancel.set()
+
+    def require(self) -> Runtime:
+        """The runtime, or a ChatError saying why there is none yet."""
+        runtime = self._runtime
+        if runtime is not None and self._status == "ready":
+            return runtime
+        if self._status == "loading":
+            fraction, stage = self._progress
+            raise ChatError(f"The model is still loading ({fraction:.0%}, {stage}); try again in a moment.")
+        if self._status == "failed":
+            raise ChatError(f"The model failed to load: {self._error}")
+        raise ChatError("The model has not been loaded yet.")
+
+    # ------------------------------------------------------------------ display
+    def banner(self) -> dict:
+        """What the UI shows about the model; `text` is a ready-made one-paragraph summary."""
+        info: dict[str, Any] = {"status": self._status, "model": self.model_name, "demo": self.is_demo,
+                                "hint": None, "progress": self._progress.fraction, "stage": self._progress.stage,
+                                "error": self._error, "device": self.device or "auto", "dtype": self.dtype or "auto",
+                                "quantization": self.quantization or "none", "memory": None, "memory_bytes": None,
+                                "context": None, "image_size": None}
+        if self.is_demo:
+            info["hint"] = ("This is a tiny random demo model: its answers are gibberish. "
+                            f"To load a real checkpoint run: {REAL_MODEL_HINT}")
+        if self._runtime is not None and self._status == "ready":
+            d = self._runtime.describe()
+            info.update(device=d["device"], dtype=d["dtype"], quantization=d["quantization"],
+                        memory_bytes=d["memory_bytes"], memory=_size(d["memory_bytes"]), context=d["context"],
+                        image_size=d["image_size"])
+        info["text"] = self._banner_text(info)
+        return info
+
+    @staticmethod
+    def _banner_text(info: dict) -> str:
+        if info["status"] == "ready":
+            head = (f"Model: {info['model']} · {info['device']} · {info['dtype']} · "
+                    f"quantization {info['quantization']} · {info['memory']}")
+        elif info["status"] == "loading":
+            head = f"Loading {info['model']}: {info['progress']:.0%} ({info['stage']})"
+        elif info["status"] == "failed":
+            head = f"Model {info['model']} failed to load: {info['error']}"
+        else:
+            head = f"Model {info['model']} is not loaded."
+        return head + (f"\n{info['hint']}" if info["hint"] else "")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+# ====================================================================== chat
+@dataclass
+class StreamEvent:
+    kind: str  # "started", "delta", "done" or "error"
+    conversation_id: str | None
+    message_id: int | None = None  # the assistant message (None for errors before anything was stored)
+    text: str = ""  # delta: the new piece; done: the full answer; error: the message for the user
+    stats: dict = field(default_factory=dict)  # done: prompt_tokens, reused_tokens, ttft, tokens, ...
+    user_message_id: int | None = None  # started: the stored question
+
+
+@dataclass
+class BudgetInfo:
+    limit: int  # the model's context window, in tokens
+    used: int  # tokens the prompt takes, pending message included
+    reserved: int  # max_new_tokens, kept free for the answer
+    left: int  # tokens still free after reserving the answer
+    image_tokens: int  # tokens one image costs
+    images_left: int  # images that still fit beside the reserved answer
+    warning: str | None  # set when the next message would be refused or its answer cut short
+
+
+@dataclass
+class PdfAttachment:
+    images: list[Image.Image]  # rendered at the model's input size, ready to pass to send()
+    pages: list[int]  # 1-based page numbers, in the same order
+    message: str | None  # says which selected pages were skipped for lack of room
+
+
+@dataclass
+class _Entry:
+    """A cached session plus what it knows about the store's attachments."""
+
+    session: ChatSession
+    keys: dict[str, str] = field(default_factory=dict)  # attachment sha256 -> session image key
+
+
+class _StopEvent(threading.Event):
+    """A cancel flag that stays set: ChatSession.stream clears its flag when it starts, which would lose a
+    Stop pressed in the moment between storing the question and the first decode step."""
+
+    def clear(self) -> None:
+        pass
+
+
+class ChatService:
+    def __init__(self, store: Store, models: ModelManager, *, max_sessions: int = 4, overflow: str = "error",
+                 max_text_chars: int = MAX_TEXT_CHARS, flush_tokens: int = 8, flush_seconds: float = 0.5):
+        self.store = store
+        self.models = models
+        self.max_sessions = max_sessions
+        self.overflow = overflow
+        self.max_text_chars = max_text_chars
+        self.flush_tokens = flush_tokens
+        self.flush_seconds = flush_seconds
+        self._lock = threading.Lock()
+        self._sessions: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._active: dict[str, threading.Event] = {}  # conversation id -> cancel flag of its running job
+
+    # ------------------------------------------------------------------ streaming operations
+    def send(self, conversation_id: str | None, text: str, images: Sequence[ImageInput] = (),
+             settings: dict | None = None) -> Iterator[StreamEvent]:
+        """Ask a question (None: in a new conversation) and stream the answer.
+
+        Everything is validated before anything is stored; the question and its images are stored before
+        generation starts, the answer as it streams.
+        """
+        cancel = _StopEvent()
+        claimed = False
+        try:
+            runtime = self.models.require()
+            params, system_prompt = parse_settings(settings)
+            text = self._check_text(text, has_images=bool(images))
+            decoded = [self._read_image(i, source) for i, source in enumerate(images or ())]
+            messages, stored_prompt = [], None
+            if conversation_id is not None:
+                self._claim(conversation_id, cancel)
+                claimed = True
+                conversation = self._conversation(conversation_id)
+                messages, stored_prompt = conversation["messages"], conversation["system_prompt"]
+            entry = self._entry(conversation_id, runtime)
+            session = entry.session
+            session.system_prompt = self._system_prompt(runtime, system_prompt, stored_prompt)
+            session.turns = self._turns(messages, lambda a: self._image_key(entry, a))
+            if session.turns and session.turns[-1].role == USER:
+                session.turns.append(Turn(ASSISTANT, ""))  # an earlier question was left without an answer
+            # Raises ContextOverflow before changing anything; see _reserve for the room kept.
+            session.add_user(text, [image for image, _, _ in decoded], reserve=_reserve(params))
+        except (ValueError, StoreError) as e:  # ChatError, ImageError, ContextOverflow are ValueErrors
+            if claimed:
+                self._release(conversation_id)
+            yield StreamEvent("error", conversation_id, text=str(e))
+            return
+
+        try:
+            if conversation_id is None:
+                conversation_id = self.store.create_conversation(model=self.models.model_name,
+                                                                 system_prompt=system_prompt)
+                self._claim(conversation_id, cancel)
+                claimed = True
+            shas = [self.store.add_attachment(data, name=name) for _, data, name in decoded]
+            user_id = self.store.add_message(conversation_id, "user", text, shas)
+            entry.keys.update(zip(shas, session.turns[-1].images))
+            self._register(conversation_id, entry)
+        except (ValueError, StoreError) as e:
+            if claimed:
+                self._release(conversation_id)
+            yield StreamEvent("error", conversation_id, text=f"Could not save the message: {e}")
+            return
+        try:
+            yield from self._generate(conversation_id, entry, params, system_prompt, user_id, cancel)
+        finally:
+            self._release(conversation_id)
+
+    def regenerate(self, conversation_id: str, settings: dict | None = None) -> Iterator[StreamEvent]:
+        """Answer the last question again, replacing its answer."""
+        return self._redo(conversation_id, None, settings)
+
+    def edit_last(self, conversation_id: str, text: str, settings: dict | None = None) -> Iterator[StreamEvent]:
+        """Change the last question's text (its images stay) and answer it again."""
+        return self._redo(conversation_id, text, settings)
+
+    def _redo(self, conversation_id: str, new_text: str | None, settings: dict | None) -> Iterator[StreamEvent]:
+        cancel = _StopEvent()
+        claimed = False
+        try:
+            runtime = self.models.require()
+            params, system_prompt = parse_settings(settings)
+            self._claim(conversation_id, cancel)
+            claimed = True
+            conversation = self._conversation(conversation_id)
+            messages = conversation["messages"]
+            last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"), None)
+            if last is None:
+                raise ChatError("This conversation has no question to answer yet.")
+            question = messages[last]
+            if new_text is not None:
+                new_text = self._check_text(new_text, has_images=bool(question["attachments"]))
+            entry = self._entry(conversation_id, runtime)
+            session = entry.session
+            session.system_prompt = self._system_prompt(runtime, system_prompt, conversation["system_prompt"])
+            session.turns = self._turns(messages[:last + 1], lambda a: self._image_key(entry, a))
+            # Re-fitting the last question with this answer's room raises ContextOverflow before any change.
+            session.edit_last_user(question["text"] if new_text is None else new_text, reserve=_reserve(params))
+        except (ValueError, StoreError) as e:
+            if claimed:
+                self._release(conversation_id)
+            yield StreamEvent("error", conversation_id, text=str(e))
+            return
+        try:
+            try:
+                if new_text is not None:
+                    self.store.update_message(question["id"], text=new_text)
+                if last + 1 < len(messages):
+                    self.store.delete_messages_from(messages[last + 1]["id"])
+            except (ValueError, StoreError) as e:
+                yield StreamEvent("error", conversation_id, text=f"Could not save the change: {e}")
+                return
+            self._register(conversation_id, entry)
+            yield from self._generate(conversation_id, entry, params, system_prompt, question["id"], cancel)
+        finally:
+            self._release(conversation_id)
+
+    def _generate(self, conversation_id: str, entry: _Entry, params: SamplingParams, system_prompt: str | None,
+                  user_id: int, cancel: threading.Event) -> Iterator[StreamEvent]:
+        """Stream the answer to the session's last turn into a new assistant message (the caller holds the claim).
+
+        The model runs in a worker thread of its own and hands events over a queue: torch's inference mode is
+        thread-local, and a UI may advance this iterator from a different thread each step. The worker also does
+        all the store writes, so a slow or vanished reader cannot leave the message half-written."""
+        try:
+            message_id = self.store.add_message(conversation_id, "assistant", "", status="streaming",
+                                                settings=_settings_record(params, system_prompt),
+                                                model=self.models.model_name)
+        except (ValueError, StoreError) as e:
+            yield StreamEvent("error", conversation_id, text=f"Could not save the answer: {e}")
+            return
+        yield StreamEvent("started", conversation_id, message_id, user_message_id=user_id)
+        events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
+        worker = threading.Thread(target=self._produce, name=f"generate-{conversation_id[:8]}",
+                                  args=(conversation_id, entry, params, message_id, cancel, events.put), daemon=True)
+        worker.start()
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if event.kind in ("done", "error"):
+                    break
+        finally:
+            cancel.set()  # the reader went away mid-answer (tab closed): stop; the worker stores it as stopped
+            worker.join()
+
+    def _produce(self, conversation_id: str, entry: _Entry, params: SamplingParams, message_id: int,
+                 cancel: threading.Event, emit: Callable[[StreamEvent], None]) -> None:
+        session = entry.session
+        pieces: list[str] = []
+        flushed_tokens, flushed_at = 0, time.monotonic()
+        try:
+            with contextlib.closing(session.stream(params, cancel=cancel)) as stream:
+                for piece in stream:
+                    pieces.append(piece)
+                    emit(StreamEvent("delta", conversation_id, message_id, piece))
+                    # Save the partial answer now and then, so a crash loses little.
+                    tokens = session.last_stats.tokens
+                    if tokens - flushed_tokens >= self.flush_tokens or \
+                            time.monotonic() - flushed_at >= self.flush_seconds:
+                        self.store.update_message(message_id, text="".join(pieces))
+                        flushed_tokens, flushed_at = tokens, time.monotonic()
+            stats = _stats(session.last_stats)
+            final = session.turns[-1].text  # exactly what the session keeps as the answer (stripped)
+            status = "stopped" if stats["finish"] == "cancelled" else "complete"
+            self.store.update_message(message_id, text=final, status=status, timings=stats)
+            emit(StreamEvent("done", conversation_id, message_id, final, stats))
+        except Exception as e:
+            self._forget(conversation_id)  # its KV cache may be half-updated: rebuild it next time
+            error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            log.exception("generation failed in conversation %s", conversation_id)
+            try:
+                self.store.update_message(message_id, text="".join(pieces).strip(), status="failed", error=error)
+            except Exception as store_error:  # the event below must still reach the reader
+                log.error("could not mark message %s failed: %s", message_id, store_error)
+            emit(StreamEvent("error", conversation_id, message_id, f"Generation failed: {error}"))
+
+    def stop(self, conversation_id: str) -> bool:
+        """Stop the answer being generated in this conversation (ends within one decode step).
+        Returns False when nothing was running."""
+        with self._lock:
+            cancel = self._active.get(conversation_id)
+        if cancel is None:
+            return False
+        cancel.set()
+        return True
+
+    def is_generating(self, conversation_id: str) -> bool:
+        with self._lock:
+            return conversation_id in self._active
+
+    # ------------------------------------------------------------------ other operations
+    def delete_turn(self, conversation_id: str, message_id: int) -> int:
+        """Delete a question with its answer, or an answer alone; returns how many messages went."""
+        self._claim(conversation_id, threading.Event())
+        try:
+            messages = self._conversation(conversation_id)["messages"]
+            index = next((i for i, m in enumerate(messages) if m["id"] == message_id), None)
+            if index is None:
+                raise ChatError(f"Message {message_id} is not in this conversation.")
+            doomed = [message_id]
+            if messages[index]["role"] == "user" and index + 1 < len(messages) \
+                    and messages[index + 1]["role"] == "assistant":
+                doomed.append(messages[index + 1]["id"])
+            for doomed_id in doomed:
+                self.store.delete_message(doomed_id)
+            return len(doomed)
+        finally:
+            self._release(conversation_id)
+
+    def delete_conversation(self, conversation_id: str) -> None:
+        self._claim(conversation_id, threading.Event())
+        try:
+            self.store.delete_conversation(conversation_id)
+            self._forget(conversation_id)
+        finally:
+            self._release(conversation_id)
+
+    def budget(self, conversation_id: str | None, pending_text: str = "", pending_images: int = 0,
+               max_new_tokens: int = 512) -> BudgetInfo | None:
+        """Context use if the pending message were sent now; None while the model is not ready."""
+        runtime = self.models.runtime
+        if runtime is None or self.models.status != "ready":
+            return None
+        messages, stored_prompt = [], None
+        if conversation_id is not None:
+            conversation = self._conversation(conversation_id)
+            messages, stored_prompt = conversation["messages"], conversation["system_prompt"]
+        # Token counts only need a distinct key per image, not its pixels: use the attachment hashes.
+        turns = self._turns(messages, lambda a: a["sha256"])
+        if turns and turns[-1].role == USER:
+            turns.append(Turn(ASSISTANT, ""))
+        turns.append(Turn(USER, pending_text or "", [f"pending-{i}" for i in range(pending_images)]))
+        scratch = ChatSession(runtime, self._system_prompt(runtime, None, stored_prompt))
+        scratch.turns = turns
+        b = scratch.budget(reserve=max_new_tokens)
+        must_keep = min(max_new_tokens, MIN_ANSWER_ROOM)
+        warning = None
+        if b.used + must_keep > b.limit:
+            if self.overflow == "drop_oldest" and len(turns) > 1:
+                warning = "The conversation is longer than the model's context: the oldest turns will be left out."
+            else:
+                warning = (f"This message does not fit: the conversation would need {b.used + must_keep} tokens "
+                           f"but the model's context window is {b.limit}. Remove some images or start a new chat.")
+        elif b.used + max_new_tokens > b.limit:
+            warning = (f"The context window is nearly full: the answer will be cut to about {b.limit - b.used} "
+                       "tokens.")
+        return BudgetInfo(limit=b.limit, used=b.used, reserved=max_new_tokens, left=b.left,
+                          image_tokens=b.image_tokens, images_left=b.images_left, warning=warning)
+
+    def attach_pdf_pages(self, pdf: bytes | str | os.PathLike, selection_text: str, long_side: int | None = None, *,
+                         conversation_id: str | None = None, pending_text: str = "", pending_images: int = 0,
+                         max_new_tokens: int = 512, progress: Callable[[int, int], None] | None = None,
+                         cancel: threading.Event | None = None) -> PdfAttachment:
+        """Render the selected pages at the model's input size, as many as fit the context budget.
+
+        Raises PdfError (bad PDF or selection, or no room at all) and RenderCancelled when `cancel` is set.
+        """
+        from .pdf_pages import limit_pages, open_pdf, parse_page_selection, render_pages
+
+        runtime = self.models.require()
+        long_side = long_side or runtime.config.vision.input_size
+        room = self.budget(conversation_id, pending_text, pending_images, max_new_tokens)
+        with open_pdf(pdf) as doc:
+            selected = parse_page_selection(selection_text, doc.page_count)
+            limited = limit_pages(selected, room.images_left)
+            images = render_pages(doc, limited.pages, long_side, progress=progress,
+                                  cancel=cancel.is_set if cancel else None)
+        return PdfAttachment(images, [i + 1 for i in limited.pages], limited.message)
+
+    def capture_screen(self, monitor: int = 1) -> bytes:
+        """A screenshot as PNG bytes, ready to pass to send(); raises CaptureError (e.g. headless)."""
+        from .screen_capture import capture
+
+        buffer = io.BytesIO()
+        capture(monitor).save(buffer, format="PNG", compress_level=3)  # screens are big: favour speed
+        return buffer.getvalue()
+
+    # ------------------------------------------------------------------ helpers
+    def _check_text(self, text: Any, has_images: bool) -> str:
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise ChatError("The message must be text.")
+        text = text.strip()
+        if not text and not has_images:
+            raise ChatError("Type a message or attach an image first.")
+        if len(text) > self.max_text_chars:
+            raise ChatError(f"The message is {len(text):,} characters long; the limit is {self.max_text_chars:,}. "
+                            "Shorten it, or attach long documents as PDF pages.")
+        return text
+
+    @staticmethod
+    def _read_image(index: int, source: ImageInput) -> tuple[Image.Image, bytes, str | None]:
+        """(decoded RGB image, bytes to store, file name); ChatError naming the image when it is unusable."""
+        label, name = f"Image {index + 1}", None
+        try:
+            if isinstance(source, Image.Image):
+                image = load_image(source)
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")  # lossless: the stored file decodes to these very pixels
+                return image, buffer.getvalue(), None
+            if isinstance(source, (str, os.PathLike)):
+                path = Path(source)
+                name = path.name
+                label = f"Image {index + 1} ({name})"
+                try:
+                    if path.stat().st_size > MAX_IMAGE_BYTES:
+                        raise ChatError(f"{label} is larger than {MAX_IMAGE_BYTES // 2**20} MB.")
+                    data = path.read_bytes()
+                except OSError as e:
+                    raise ChatError(f"{label} cannot be read: {e.strerror or e}.") from None
+            elif isinstance(source, (bytes, bytearray, memoryview)):
+                data = bytes(source)
+                if len(data) > MAX_IMAGE_BYTES:
+                    raise ChatError(f"{label} is larger than {MAX_IMAGE_BYTES // 2**20} MB.")
+            else:
+                raise ChatError(f"{label}: cannot attach a {type(source).__name__}; "
+                                "pass image bytes, a file path or a PIL image.")
+            return load_image(data), data, name
+        except ImageError as e:
+            raise ChatError(f"{label}: {e}") from None
+
+    def _conversation(self, conversation_id: str) -> dict:
+        try:
+            return self.store.get_conversation(conversation_id)
+        except StoreError:
+            raise ChatError("This conversation does not exist (it may have been deleted).") from None
+
+    @staticmethod
+    def _system_prompt(runtime: Runtime, from_settings: str | None, stored: str | None) -> str:
+        return from_settings or stored or runtime.processor.system_prompt
+
+    @staticmethod
+    def _turns(messages: Sequence[dict], key: Callable[[dict], str]) -> list[Turn]:
+        """Stored messages -> alternating turns; `key(attachment)` gives each image's key."""
+        turns: list[Turn] = []
+        for m in messages:
+            role = USER if m["role"] == "user" else ASSISTANT
+            if role == ASSISTANT and (not turns or turns[-1].role == ASSISTANT):
+                continue  # an answer whose question was deleted answers nothing
+            if role == USER and turns and turns[-1].role == USER:
+                turns.append(Turn(ASSISTANT, ""))  # a question whose answer was deleted or never stored
+            turns.append(Turn(role, m["text"], [key(a) for a in m["attachments"]]))
+        return turns
+
+    @staticmethod
+    def _image_key(entry: _Entry, attachment: dict) -> str:
+        """The session's key for a stored image, decoding the file only the first time."""
+        sha = attachment["sha256"]
+        if sha not in entry.keys:
+            try:
+                entry.keys[sha] = entry.session.add_image(Path(attachment["path"]))
+            except ImageError as e:
+                name = attachment.get("name") or sha[:12]
+                raise ChatError(f"A stored image of this conversation ({name}) cannot be used: {e}") from None
+        return entry.keys[sha]
+
+    def _entry(self, conversation_id: str | None, runtime: Runtime) -> _Entry:
+        with self._lock:
+            entry = self._sessions.get(conversation_id) if conversation_id else None
+            if entry is not None and entry.session.runtime is runtime:
+                self._sessions.move_to_end(conversation_id)
+                return entry
+        # New conversation, evicted session, or another model loaded since.
+        return _Entry(ChatSession(runtime, overflow=self.overflow))
+
+    def _register(self, conversation_id: str, entry: _Entry) -> None:
+        with self._lock:
+            self._sessions[conversation_id] = entry
+            self._sessions.move_to_end(conversation_id)
+            # Evict least recently used sessions (their KV caches hold memory), never one that is generating.
+            for victim in [c for c in self._sessions if c not in self._active]:
+                if len(self._sessions) <= self.max_sessions:
+                    break
+                del self._sessions[victim]
+
+    def _forget(self, conversation_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(conversation_id, None)
+
+    def _claim(self, conversation_id: str, cancel: threading.Event) -> None:
+        with self._lock:
+            if conversation_id in self._active:
+                raise ChatError("An answer is still being generated in this conversation; stop it first.")
+            self._active[conversation_id] = cancel
+
+    def _release(self, conversation_id: str) -> None:
+        with self._lock:
+            self._active.pop(conversation_id, None)
+
+
+def _reserve(params: SamplingParams) -> int:
+    """Room a question must leave to be accepted. Not all of max_new_tokens: the session caps a long answer
+    to the window, so only a question that leaves no room for even a short answer is refused."""
+    return min(params.max_new_tokens, MIN_ANSWER_ROOM)
+
+
+def _stats(s) -> dict:
+    return {"prompt_tokens": s.prompt_tokens, "reused_tokens": s.reused_tokens, "new_images": s.new_images,
+            "ttft": round(s.ttft, 4), "tokens": s.tokens, "tokens_per_second": round(s.tokens_per_second, 2),
+            "finish": s.finish}

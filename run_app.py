@@ -1,0 +1,122 @@
+"""Start the DeepSeek-VL local chat app: `python run_app.py [--model ID_OR_DIR] [--load-4bit] ...`.
+
+Argument parsing imports nothing heavy, so `--help` and bad flags answer at once (no torch, no gradio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+APP_NAME = "deepseek-vl-local"
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# Same spellings as engine.runtime.DTYPES (a test keeps them in step), without importing torch here.
+DTYPE_CHOICES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+log = logging.getLogger("run_app")
+
+
+def default_data_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def _device(text: str) -> str:
+    if not DEVICE_RE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
+def _auth(text: str) -> tuple[str, str]:
+    # Split at the first colon only: a password may contain colons, a user name may not.
+    user, sep, password = text.partition(":")
+    if not sep or not user.strip() or not password:
+        raise argparse.ArgumentTypeError("expected USER:PASS with a non-empty user name and password")
+    return user.strip(), password
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {port}")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_app.py",
+        description="Chat with DeepSeek-VL on your own machine (a local web app).",
+        epilog="Example: python run_app.py --model deepseek-ai/deepseek-vl-7b-chat --load-4bit",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument("--model", metavar="PATH_OR_ID", default=None,
+                       help="checkpoint directory or Hugging Face id (default: the embedded tiny demo model, "
+                            "which runs offline but answers gibberish)")
+    quant = model.add_mutually_exclusive_group()
+    quant.add_argument("--load-4bit", action="store_true", help="quantize the language model to 4-bit (NF4)")
+    quant.add_argument("--load-8bit", action="store_true", help="quantize the language model to 8-bit")
+    model.add_argument("--device", type=_device, default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    model.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                       help="weights dtype (default auto: bf16/fp16 on GPU, fp32 on CPU)")
+    server = p.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
+    server.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
+    server.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    server.add_argument("--auth", type=_auth, metavar="USER:PASS", default=None, help="require this login")
+    server.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"where conversations and images are kept (default: {default_data_dir()})")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags; adds `quantization` ("4bit", "8bit" or None) and resolves defaults (None = automatic)."""
+    args = build_parser().parse_args(argv)
+    args.quantization = "4bit" if args.load_4bit else "8bit" if args.load_8bit else None
+    args.device = None if args.device == "auto" else args.device
+    args.dtype = None if args.dtype == "auto" else args.dtype
+    args.data_dir = (args.data_dir or default_data_dir()).expanduser()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and args.auth is None:
+        log.warning("the app is reachable from other machines without a login; consider --auth USER:PASS")
+
+    from app.chat_service import ChatService, ModelManager
+    from app.store import Store
+
+    try:
+        args.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(args.data_dir)
+    except Exception as e:  # unwritable directory, a damaged database...
+        print(f"error: cannot open the data directory {args.data_dir}: {e}", file=sys.stderr)
+        return 2
+    # Answers left "streaming" by a killed run become "stopped"; 30 s spares a second instance's live answers.
+    recovered = store.recover_interrupted(idle_for=30)
+    if recovered:
+        log.info("marked %d interrupted answer(s) as stopped", recovered)
+
+    # Loading runs in the background: the UI comes up at once and shows the progress.
+    models = ModelManager(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization).start()
+    service = ChatService(store, models)
+    from ui.app import build_ui  # imported late: gradio is heavy and --help must not need it
+
+    demo = build_ui(service, models, store)
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
+                        inbrowser=not args.no_browser)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

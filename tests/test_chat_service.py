@@ -1,0 +1,327 @@
+"""ChatService and ModelManager on the real embedded demo model and a real Store in tmp_path."""
+
+import io
+import os
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from app.chat_service import ChatError, ChatService, ModelManager, parse_settings
+from app.store import Store
+from engine.chat import ChatSession
+from engine.demo import DEMO_DIR, DEMO_NAME
+from engine.generation import SamplingParams
+
+GREEDY = {"temperature": 0.0, "max_new_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def models():
+    manager = ModelManager(DEMO_DIR).start()
+    assert manager.wait(120), manager.error
+    return manager
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "data") as s:
+        yield s
+
+
+@pytest.fixture
+def service(store, models):
+    return ChatService(store, models)
+
+
+def png(color, size=(64, 48)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def run(events):
+    """Consume a stream: (events, the final event)."""
+    events = list(events)
+    return events, events[-1]
+
+
+def ask(service, conversation_id, text, images=(), settings=GREEDY):
+    events, last = run(service.send(conversation_id, text, images, settings))
+    assert last.kind == "done", last.text
+    return last
+
+
+def fresh_answers(runtime, questions, params=SamplingParams(max_new_tokens=6)):
+    """The answers a brand-new ChatSession computes for these (text, images) questions."""
+    session = ChatSession(runtime)
+    answers = []
+    for text, images in questions:
+        session.add_user(text, images)
+        answers.append(session.answer(params))
+    return answers
+
+
+# ---------------------------------------------------------------------- model manager
+def test_model_manager_loads_in_background_and_labels_the_demo(models):
+    assert models.status == "ready" and models.error is None
+    assert models.progress.fraction == 1.0
+    banner = models.banner()
+    assert banner["demo"] and banner["model"] == DEMO_NAME
+    assert "--model deepseek-ai/deepseek-vl-7b-chat --load-4bit" in banner["hint"]
+    assert banner["device"] == "cpu" and banner["dtype"] == "float32" and banner["quantization"] == "none"
+    assert banner["memory"].endswith("MiB") and banner["image_size"] == 384
+    assert "tiny random demo" in banner["text"]
+
+
+def test_model_manager_reports_a_clear_load_error(tmp_path):
+    manager = ModelManager(tmp_path / "missing").start()
+    assert not manager.wait(30)
+    assert manager.status == "failed" and "no such directory" in manager.error
+    with pytest.raises(ChatError, match="failed to load"):
+        manager.require()
+    assert "failed to load" in manager.banner()["text"]
+
+
+def test_model_manager_cancel():
+    started, release = threading.Event(), threading.Event()
+
+    def slow_loader(source, *, cancel, progress, **_):
+        progress("weights", 1, 4)
+        started.set()
+        release.wait(10)
+        from engine.loading import LoadCancelled
+        if cancel.is_set():
+            raise LoadCancelled("cancelled")
+
+    manager = ModelManager(DEMO_DIR, loader=slow_loader).start()
+    assert started.wait(10)
+    assert manager.status == "loading" and manager.progress.fraction == 0.25
+    with pytest.raises(ChatError, match="still loading"):
+        manager.require()
+    manager.cancel()
+    release.set()
+    assert not manager.wait(10)
+    assert manager.status == "failed" and "cancelled" in manager.error
+
+
+# ---------------------------------------------------------------------- send
+def test_send_streams_and_stores_text_with_two_images(service, store, tmp_path):
+    path = tmp_path / "blue.png"
+    path.write_bytes(png("blue"))
+    events = list(service.send(None, "Compare these two pictures.", [png("red"), str(path)], GREEDY))
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "done" and "delta" in kinds
+    done = events[-1]
+    assert "".join(e.text for e in events if e.kind == "delta").strip() == done.text
+    assert done.stats["finish"] == "length" and done.stats["tokens"] == 6 and done.stats["new_images"] == 2
+
+    conversation = store.get_conversation(done.conversation_id)
+    user, answer = conversation["messages"]
+    assert user["id"] == events[0].user_message_id and user["text"] == "Compare these two pictures."
+    assert len(user["attachments"]) == 2 and user["attachments"][1]["name"] == "blue.png"
+    assert answer["id"] == done.message_id and answer["status"] == "complete" and answer["text"] == done.text
+    assert answer["settings"]["max_new_tokens"] == 6 and answer["timings"]["tokens"] == 6
+    assert conversation["title"] == "Compare these two pictures."
+
+
+def test_stop_mid_answer_keeps_the_partial_text(service, store):
+    first_delta, finished = threading.Event(), threading.Event()
+    events = []
+
+    def reader():
+        for event in service.send(None, "Tell me a very long story.", [], {"max_new_tokens": 100_000}):
+            events.append(event)
+            if event.kind == "delta":
+                first_delta.set()
+        finished.set()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    assert first_delta.wait(60)
+    conversation_id = events[0].conversation_id
+    assert service.is_generating(conversation_id)
+    stopped_at = time.monotonic()
+    assert service.stop(conversation_id)
+    assert finished.wait(10), "generation kept running after Stop"
+    thread.join()
+    assert time.monotonic() - stopped_at < 5
+    done = events[-1]
+    assert done.kind == "done" and done.stats["finish"] == "cancelled"
+    answer = store.get_conversation(conversation_id)["messages"][-1]
+    assert answer["status"] == "stopped" and answer["text"] == done.text
+    assert not service.is_generating(conversation_id) and not service.stop(conversation_id)
+
+
+def test_second_send_while_streaming_is_refused(service, store):
+    stream = service.send(None, "first", [], {"max_new_tokens": 50})
+    started = next(stream)
+    cid = started.conversation_id
+    events, last = run(service.send(cid, "second", [], GREEDY))
+    assert len(events) == 1 and last.kind == "error" and "still being generated" in last.text
+    assert service.stop(cid)
+    assert list(stream)[-1].kind == "done"
+    assert len(store.get_conversation(cid)["messages"]) == 2  # "second" was never stored
+
+
+def test_closing_the_stream_early_stores_a_stopped_answer(service, store):
+    stream = service.send(None, "Talk for a long time.", [], {"max_new_tokens": 5000})
+    started = next(stream)
+    next(stream)  # one delta
+    stream.close()  # the browser tab went away
+    answer = store.get_conversation(started.conversation_id)["messages"][-1]
+    assert answer["status"] == "stopped"
+    assert not service.is_generating(started.conversation_id)
+
+
+# ---------------------------------------------------------------------- regenerate, edit, delete
+def test_regenerate_replaces_the_answer_and_reuses_the_cache(service, store):
+    first = ask(service, None, "Describe this.", [png("purple")])
+    cid = first.conversation_id
+    events, again = run(service.regenerate(cid, GREEDY))
+    assert again.kind == "done" and again.text == first.text  # greedy: same answer
+    assert again.stats["reused_tokens"] == again.stats["prompt_tokens"] - 1 and again.stats["new_images"] == 0
+    messages = store.get_conversation(cid)["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[1]["id"] == again.message_id != first.message_id
+
+
+def test_edit_last_equals_a_fresh_session(service, store, models):
+    first = ask(service, None, "First question")
+    cid = first.conversation_id
+    ask(service, cid, "Second question")
+    events, edited = run(service.edit_last(cid, "A different second question", GREEDY))
+    assert edited.kind == "done"
+    texts = [m["text"] for m in store.get_conversation(cid)["messages"]]
+    assert texts == ["First question", first.text, "A different second question", edited.text]
+    expected = fresh_answers(models.runtime, [("First question", []), ("A different second question", [])])
+    assert [first.text, edited.text] == expected
+
+
+def test_delete_turn_removes_question_and_answer(service, store):
+    first = ask(service, None, "one")
+    cid = first.conversation_id
+    second = ask(service, cid, "two")
+    messages = store.get_conversation(cid)["messages"]
+    assert service.delete_turn(cid, messages[0]["id"]) == 2
+    assert [m["text"] for m in store.get_conversation(cid)["messages"]] == ["two", second.text]
+    with pytest.raises(ChatError, match="not in this conversation"):
+        service.delete_turn(cid, messages[0]["id"])
+    ask(service, cid, "three")  # still a well-formed conversation
+
+
+# ---------------------------------------------------------------------- validation: nothing stored
+def test_bad_image_is_refused_and_nothing_is_stored(service, store, tmp_path):
+    events, last = run(service.send(None, "look", [png("red"), b"not an image"], GREEDY))
+    assert len(events) == 1 and last.kind == "error" and last.text.startswith("Image 2:")
+    assert store.list_conversations() == []
+
+    cid = ask(service, None, "hello").conversation_id
+    broken = tmp_path / "holiday.jpg"
+    broken.write_bytes(png("red")[:40])  # truncated
+    events, last = run(service.send(cid, "and this?", [str(broken)], GREEDY))
+    assert last.kind == "error" and "holiday.jpg" in last.text
+    assert len(store.get_conversation(cid)["messages"]) == 2
+    assert not [p for p in store.attachments_dir.rglob("*") if p.is_file()]
+    assert not service.is_generating(cid)
+
+
+def test_context_overflow_is_refused_and_nothing_is_stored(service, store):
+    cid = ask(service, None, "hello").conversation_id
+    before = store.get_conversation(cid)["messages"]
+    too_many = [Image.new("RGB", (32, 32), (i * 30, 0, 0)) for i in range(7)]  # 7 × 576 > 4096
+    events, last = run(service.send(cid, "all of these", too_many, GREEDY))
+    assert last.kind == "error" and "context window is 4096" in last.text
+    assert store.get_conversation(cid)["messages"] == before
+    assert not [p for p in store.attachments_dir.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("text, images, settings, message", [
+    ("", [], GREEDY, "Type a message"),
+    ("   ", [], GREEDY, "Type a message"),
+    ("x" * 100_001, [], GREEDY, "limit is 100,000"),
+    ("hi", [], {"top_p": 0}, "top_p"),
+    ("hi", [], {"temperature": "hot"}, "temperature must be a number"),
+    ("hi", [], {"max_new_tokens": 2.5}, "whole number"),
+    ("hi", [], {"tempreature": 1}, "Unknown setting"),
+    ("hi", [object()], GREEDY, "cannot attach a object"),
+])
+def test_invalid_input_is_refused_and_nothing_is_stored(service, store, text, images, settings, message):
+    events, last = run(service.send(None, text, images, settings))
+    assert len(events) == 1 and last.kind == "error" and message in last.text
+    assert store.list_conversations() == []
+
+
+def test_parse_settings():
+    params, prompt = parse_settings({"temperature": "0.7", "top_k": 40.0, "seed": "", "system_prompt": "  "})
+    assert params == SamplingParams(temperature=0.7, top_k=40) and prompt is None
+    params, prompt = parse_settings({"seed": 3, "system_prompt": "Be brief."})
+    assert params.seed == 3 and prompt == "Be brief."
+    with pytest.raises(ChatError, match="seed"):
+        parse_settings({"seed": -1})
+    with pytest.raises(ChatError, match="temperature"):
+        parse_settings({"temperature": True})
+
+
+# ---------------------------------------------------------------------- restart
+def test_restart_continues_like_a_fresh_session(store, models, tmp_path):
+    data_dir = store.data_dir
+    first = ask(ChatService(store, models), None, "What is in this picture?", [png("green")])
+    store.close()
+    with Store(data_dir) as reopened:
+        second = ask(ChatService(reopened, models), first.conversation_id, "And what colour is it?")
+        assert second.stats["new_images"] == 1  # the stored image was read back from its file
+        assert len(reopened.get_conversation(first.conversation_id)["messages"]) == 4
+    green = Image.open(io.BytesIO(png("green")))
+    expected = fresh_answers(models.runtime, [("What is in this picture?", [green]), ("And what colour is it?", [])])
+    assert [first.text, second.text] == expected
+
+
+# ---------------------------------------------------------------------- budget, PDF, screen
+def test_budget_counts_pending_images_and_warns(service):
+    empty = service.budget(None, max_new_tokens=512)
+    assert empty.limit == 4096 and empty.image_tokens == 576 and empty.warning is None
+    assert empty.images_left == (4096 - empty.used - 512) // 576
+    two = service.budget(None, "hi", pending_images=2, max_new_tokens=512)
+    assert two.used - empty.used >= 2 * 576 and two.images_left == empty.images_left - 2
+    assert "does not fit" in service.budget(None, pending_images=7).warning
+    assert "cut to about" in service.budget(None, pending_images=6, max_new_tokens=1024).warning
+    cid = ask(service, None, "hello", [png("red")]).conversation_id
+    assert service.budget(cid).used > empty.used + 576
+
+
+def test_budget_is_none_while_loading(store):
+    manager = ModelManager(DEMO_DIR)  # never started
+    assert ChatService(store, manager).budget(None) is None
+    events, last = run(ChatService(store, manager).send(None, "hi"))
+    assert last.kind == "error" and "not been loaded" in last.text
+
+
+def make_pdf(pages: int) -> bytes:
+    import pymupdf
+
+    doc = pymupdf.open()
+    for i in range(pages):
+        doc.new_page(width=595, height=842).insert_text((72, 72), f"Page {i + 1}")
+    data = doc.tobytes()
+    doc.close()
+    return data
+
+
+def test_attach_pdf_pages_at_native_size_within_the_budget(service):
+    pdf = make_pdf(3)
+    result = service.attach_pdf_pages(pdf, "1-2")
+    assert result.pages == [1, 2] and result.message is None
+    assert [max(im.size) for im in result.images] == [384, 384]
+    room = service.budget(None).images_left
+    squeezed = service.attach_pdf_pages(pdf, "all", pending_images=room - 1)
+    assert squeezed.pages == [1] and "Only 1 page fits" in squeezed.message
+
+
+@pytest.mark.skipif(bool(os.environ.get("DISPLAY")), reason="needs a headless session")
+def test_capture_screen_headless_is_a_clear_error(service):
+    from app.screen_capture import CaptureError
+
+    with pytest.raises(CaptureError, match="No display"):
+        service.capture_screen(1)

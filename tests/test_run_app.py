@@ -1,0 +1,97 @@
+"""run_app.py: flag parsing, and main() wiring the store, model manager and service into the UI."""
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import platformdirs
+import pytest
+
+import run_app
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults():
+    args = run_app.parse_args([])
+    assert args.model is None and args.quantization is None
+    assert args.device is None and args.dtype is None  # automatic
+    assert (args.host, args.port, args.share, args.auth, args.no_browser) == ("127.0.0.1", 7860, False, None, False)
+    assert args.data_dir == Path(platformdirs.user_data_dir("deepseek-vl-local"))
+
+
+def test_flags(tmp_path):
+    args = run_app.parse_args(["--model", "deepseek-ai/deepseek-vl-7b-chat", "--load-4bit", "--device", "cuda:1",
+                               "--dtype", "bf16", "--host", "0.0.0.0", "--port", "8080", "--share",
+                               "--auth", "ada:s3cr:et", "--data-dir", str(tmp_path), "--no-browser"])
+    assert args.model == "deepseek-ai/deepseek-vl-7b-chat" and args.quantization == "4bit"
+    assert (args.device, args.dtype, args.host, args.port) == ("cuda:1", "bf16", "0.0.0.0", 8080)
+    assert args.share and args.no_browser and args.auth == ("ada", "s3cr:et")  # colons allowed in the password
+    assert args.data_dir == tmp_path
+    assert run_app.parse_args(["--load-8bit"]).quantization == "8bit"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--load-4bit", "--load-8bit"], "not allowed with argument"),
+    (["--auth", "nopassword"], "USER:PASS"),
+    (["--auth", ":pw"], "USER:PASS"),
+    (["--auth", "user:"], "USER:PASS"),
+    (["--port", "70000"], "1..65535"),
+    (["--device", "tpu"], "not a device"),
+    (["--dtype", "int3"], "invalid choice"),
+])
+def test_bad_flags_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_app.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dtype_choices_match_the_engine():
+    from engine.runtime import DTYPES
+
+    assert set(run_app.DTYPE_CHOICES) - {"auto"} == set(DTYPES)
+
+
+def test_help_needs_neither_torch_nor_gradio():
+    code = ("import sys, run_app\n"
+            "try:\n    run_app.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', 'gradio' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60).stdout
+    assert "--load-4bit" in out and "LOADED False False" in out
+
+
+def test_main_builds_the_service_and_launches_the_ui(tmp_path, monkeypatch):
+    from app.store import Store
+
+    # An answer left "streaming" by a killed run, last written long ago.
+    with Store(tmp_path) as store:
+        cid = store.create_conversation()
+        store.add_message(cid, "user", "hi")
+        mid = store.add_message(cid, "assistant", "partial", status="streaming")
+        store.db.execute("UPDATE messages SET updated_at = '2000-01-01T00:00:00.000000+00:00' WHERE id = ?", [mid])
+
+    seen = {}
+
+    class FakeBlocks:
+        def queue(self):
+            return self
+
+        def launch(self, **kwargs):
+            seen["launch"] = kwargs
+
+    def build_ui(service, models, store):
+        seen["parts"] = (service, models, store)
+        return FakeBlocks()
+
+    monkeypatch.setitem(sys.modules, "ui.app", types.SimpleNamespace(build_ui=build_ui))
+    assert run_app.main(["--data-dir", str(tmp_path), "--port", "9000", "--auth", "u:p", "--no-browser"]) == 0
+
+    service, models, store = seen["parts"]
+    assert service.models is models and service.store is store
+    assert models.wait(60) and models.is_demo  # the demo loaded in the background
+    assert seen["launch"] == {"server_name": "127.0.0.1", "server_port": 9000, "share": False, "auth": ("u", "p"),
+                              "inbrowser": False}
+    assert store.get_conversation(cid)["messages"][1]["status"] == "stopped"
+    store.close()
