@@ -9,9 +9,7 @@ table through extra keys beside `model_name` (see shared/reference/README.md).
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import LlamaConfig
 
@@ -211,17 +209,6 @@ class VLConfig:
             raise ConfigError("only a llama language model is supported")
         language = LlamaConfig(**lang)
         return cls(vision=vision, aligner=aligner, language=language, official=copy.deepcopy(cfg))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "VLConfig":
-        path = Path(directory) / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"{directory} has no config.json: not a model directory")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_official(cfg)
 
     def to_official(self) -> dict:
         return copy.deepcopy(self.official)
