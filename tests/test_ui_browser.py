@@ -1,0 +1,474 @@
+"""The web UI in a real browser: `run_app.py` serves the embedded demo model on a free port, Chromium
+(Playwright, sync API) drives it, and the store in the data directory is checked from this process.
+
+One server and one browser for the module; each test opens a fresh page (a fresh gradio session). Skipped
+only when Chromium or Playwright is not available.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from app.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("DSVL_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+STARTUP_TIMEOUT_S = 120
+TIMEOUT_MS = 30_000
+CURSOR = "▍"
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+
+# ---------------------------------------------------------------------- fixtures
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """run_app.py on the demo model, headless (no DISPLAY), with its own data directory."""
+    data_dir = tmp_path_factory.mktemp("ui-data")
+    log_path = data_dir.parent / "server.log"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "run_app.py", "--no-browser", "--port", str(port), "--data-dir", str(data_dir)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"run_app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"run_app.py did not answer within {STARTUP_TIMEOUT_S} s:\n"
+                            f"{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield {"url": url, "data_dir": data_dir, "log": log_path}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def store(server):
+    with Store(server["data_dir"]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists() and not shutil.which(CHROMIUM):
+        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)")
+    try:
+        manager = playwright_api.sync_playwright().start()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"Playwright cannot start: {e}")
+    try:
+        browser = manager.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    except Exception as e:  # noqa: BLE001
+        manager.stop()
+        pytest.skip(f"Chromium cannot be launched: {e}")
+    yield browser
+    browser.close()
+    manager.stop()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    open_app(page, server["url"])
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+# ---------------------------------------------------------------------- helpers
+def open_app(page, url: str) -> None:
+    page.goto(url)
+    page.wait_for_selector("#chat-input textarea")
+    # The demo model loads in a second or two; the banner turns ready and the meter fills in.
+    page.wait_for_selector("#model-banner .status-dot.ready", timeout=60_000)
+
+
+def make_png(path: Path, color: tuple[int, int, int], size=(64, 48)) -> Path:
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def attach(page, paths: list[Path]) -> None:
+    before = page.locator("#chat-input .thumbnail-item").count()
+    page.set_input_files("#chat-input input[type=file]", [str(p) for p in paths])
+    expect_count(page, "#chat-input .thumbnail-item", before + len(paths))
+
+
+def expect_count(page, selector: str, count: int, timeout_ms: int = TIMEOUT_MS) -> None:
+    page.wait_for_function("([s, n]) => document.querySelectorAll(s).length === n", arg=[selector, count],
+                           timeout=timeout_ms)
+
+
+def send(page, text: str) -> None:
+    box = page.locator("#chat-input textarea")
+    box.fill(text)
+    box.press("Enter")
+
+
+def record_answer_lengths(page) -> None:
+    """Log the length of the last assistant bubble on every DOM change (to see it grow while streaming)."""
+    page.evaluate("""() => {
+        window.__answerLengths = [];
+        const chat = document.querySelector('#chatbot');
+        new MutationObserver(() => {
+            const bots = chat.querySelectorAll('[data-testid=bot]');
+            if (bots.length) window.__answerLengths.push(bots[bots.length - 1].innerText.length);
+        }).observe(chat, {subtree: true, childList: true, characterData: true});
+    }""")
+
+
+def last_answer(page) -> str:
+    bots = page.locator("#chatbot [data-testid=bot]")
+    return bots.nth(bots.count() - 1).inner_text() if bots.count() else ""
+
+
+def wait_answer_finished(page, timeout_ms: int = 60_000) -> str:
+    """Wait for the streaming cursor to go and the event to finish; returns the final answer text."""
+    page.wait_for_function(
+        """(cursor) => {
+            const bots = document.querySelectorAll('#chatbot [data-testid=bot]');
+            return bots.length > 0 && !bots[bots.length - 1].innerText.includes(cursor);
+        }""", arg=CURSOR, timeout=timeout_ms)
+    page.wait_for_selector("#gen-stats:has-text('tokens')", timeout=timeout_ms)
+    return last_answer(page)
+
+
+def find_conversation(store: Store, word: str) -> dict:
+    hits = [h for h in store.search(word) if h["role"] == "user"]
+    assert hits, f"no stored user message contains {word!r}"
+    return store.get_conversation(hits[0]["conversation_id"])
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[A-Za-z0-9]{3,}", text))
+
+
+def user_images(page, row: int = -1) -> list:
+    rows = page.locator("#chatbot .user-row")
+    index = rows.count() - 1 if row < 0 else row
+    return rows.nth(index).locator("img").all()
+
+
+def wait_images_loaded(page, selector: str) -> None:
+    """Every matching <img> has been fetched and decoded (a broken link never gets a natural width)."""
+    page.wait_for_function("""(s) => [...document.querySelectorAll(s)]
+        .every(img => img.complete && img.naturalWidth > 0)""", arg=selector)
+
+
+def open_accordion(page, elem_id: str) -> None:
+    content = page.locator(f"#{elem_id} [data-testid=accordion-content]")
+    if not content.is_visible():
+        page.click(f"#{elem_id} .label-wrap")
+        content.wait_for(state="visible")
+
+
+def open_from_history(page, word: str) -> None:
+    item = page.locator("#history-list label", has_text=word).first
+    item.click()
+    page.wait_for_function("(w) => document.querySelector('#chatbot').innerText.includes(w)", arg=word)
+
+
+FIRST_WORD = "zebrafinch"
+
+
+def ensure_first_conversation(page, store: Store, tmp_path: Path) -> dict:
+    """The conversation test_send_two_images creates; made here too when that test was deselected."""
+    if not [h for h in store.search(FIRST_WORD) if h["role"] == "user"]:
+        attach(page, [make_png(tmp_path / "a.png", (220, 30, 30)), make_png(tmp_path / "b.png", (30, 30, 220))])
+        send(page, f"What colours are these {FIRST_WORD} pictures?")
+        wait_answer_finished(page)
+        open_app(page, page.url)
+    return find_conversation(store, FIRST_WORD)
+
+
+# ---------------------------------------------------------------------- tests
+def test_send_two_images_streams_an_answer(page, store, tmp_path):
+    red = make_png(tmp_path / "red.png", (220, 30, 30))
+    blue = make_png(tmp_path / "blue.png", (30, 30, 220), size=(40, 64))
+    attach(page, [red, blue])
+    record_answer_lengths(page)
+    send(page, f"What colours are these {FIRST_WORD} pictures?")
+
+    # The question shows at once with both images as thumbnails, the input is cleared.
+    page.wait_for_function("(w) => document.querySelector('#chatbot .user-row')?.innerText.includes(w)",
+                           arg=FIRST_WORD)
+    expect_count(page, "#chatbot .user-row img", 2)
+    assert page.locator("#chat-input textarea").input_value() == ""
+    expect_count(page, "#chat-input .thumbnail-item", 0)
+
+    final = wait_answer_finished(page)
+    lengths = page.evaluate("window.__answerLengths")
+    growing = sorted(set(n for n in lengths if n > 0))
+    assert len(growing) >= 3, f"the answer did not stream (lengths seen: {lengths[:20]})"
+    assert final.strip()
+
+    conversation = find_conversation(store, FIRST_WORD)
+    question, answer = conversation["messages"]
+    assert question["role"] == "user" and len(question["attachments"]) == 2
+    assert [a["width"] for a in question["attachments"]] == [64, 40]
+    assert answer["role"] == "assistant" and answer["status"] == "complete" and answer["text"].strip()
+    # The bubble shows the stored answer (compared by words: markdown rendering may eat some symbols).
+    stored = words(answer["text"])
+    assert not stored or len(stored & words(final)) >= 0.6 * len(stored)
+    # Thumbnails come from the store's attachment files and actually load.
+    wait_images_loaded(page, "#chatbot .user-row img")
+    srcs = [img.get_attribute("src") for img in user_images(page)]
+    assert all(a["sha256"] in src for a, src in zip(question["attachments"], srcs)), srcs
+    # The conversation appears at the top of the history list, titled after the question.
+    page.wait_for_selector(f"#history-list label:has-text('{FIRST_WORD}')")
+    assert FIRST_WORD in page.locator("#history-list label").first.inner_text()
+    assert "tokens left" in page.locator("#context-meter").inner_text()
+
+
+def test_stop_mid_answer(page, store):
+    set_max_new_tokens(page, 2000)
+    record_answer_lengths(page)
+    send(page, "Tell me a very long story about a kestrel")
+    page.wait_for_function("""(cursor) => {
+        const bots = document.querySelectorAll('#chatbot [data-testid=bot]');
+        const text = bots.length ? bots[bots.length - 1].innerText : '';
+        return text.includes(cursor) && text.replace(cursor, '').trim().length > 0;
+    }""", arg=CURSOR)
+    page.click("#stop-btn")
+    final = wait_answer_finished(page)
+    assert "(stopped)" in final
+    length = len(last_answer(page))
+    page.wait_for_timeout(1000)
+    assert len(last_answer(page)) == length, "the answer kept growing after Stop"
+
+    answer = find_conversation(store, "kestrel")["messages"][-1]
+    assert answer["status"] == "stopped"
+    assert answer["settings"]["max_new_tokens"] == 2000
+    assert 0 < answer["timings"]["tokens"] < 2000
+
+
+def test_reload_and_open_from_history(page, store, server, tmp_path):
+    conversation = ensure_first_conversation(page, store, tmp_path)
+    page.reload()
+    open_app(page, server["url"])
+    assert page.locator("#chatbot [data-testid=bot]").count() == 0  # a fresh page starts a new chat
+    open_from_history(page, FIRST_WORD)
+    expect_count(page, "#chatbot .user-row img", 2)
+    wait_images_loaded(page, "#chatbot .user-row img")
+    answer = conversation["messages"][1]["text"]
+    assert len(words(answer) & words(last_answer(page))) >= 0.6 * len(words(answer))
+    assert page.locator("#rename-box input").input_value() == conversation["title"]
+
+
+def test_search_finds_the_conversation(page, store, tmp_path):
+    ensure_first_conversation(page, store, tmp_path)
+    page.fill("#history-search input", FIRST_WORD)
+    hit = page.locator("#search-results .search-hit").first
+    hit.wait_for()
+    assert page.locator("#search-results mark", has_text=FIRST_WORD).count() >= 1
+    hit.click()
+    page.wait_for_function("(w) => document.querySelector('#chatbot').innerText.includes(w)", arg=FIRST_WORD)
+    expect_count(page, "#chatbot .user-row img", 2)
+    # The history list marks it as the open conversation.
+    assert FIRST_WORD in page.locator("#history-list label:has(input:checked)").inner_text()
+
+    page.fill("#history-search input", "nosuchwordanywhere")
+    page.wait_for_selector("#search-results .search-empty")
+
+
+def test_export_json_then_import(page, store, tmp_path):
+    original = ensure_first_conversation(page, store, tmp_path)
+    open_from_history(page, FIRST_WORD)
+    page.click("#export-json-btn")
+    link = page.locator("#export-file a[download]")
+    link.wait_for()
+    with page.expect_download() as download:
+        link.click()
+    exported = tmp_path / "export.json"
+    download.value.save_as(exported)
+    data = json.loads(exported.read_text())
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"]
+    assert len(data["attachments"]) == 2
+    decoded = Image.open(io.BytesIO(base64.b64decode(data["attachments"][0]["data"])))
+    assert decoded.size == (64, 48)
+
+    before = {c["id"] for c in store.list_conversations(limit=1000)}
+    page.set_input_files("#history-sidebar input[type=file][accept='.json']", str(exported))
+    page.wait_for_selector("#history-notice:has-text('Imported')")
+    new = [c for c in store.list_conversations(limit=1000) if c["id"] not in before]
+    assert len(new) == 1
+    imported = store.get_conversation(new[0]["id"])
+
+    def shape(conversation):
+        return [(m["role"], m["text"], m["status"], [a["sha256"] for a in m["attachments"]])
+                for m in conversation["messages"]]
+
+    assert shape(imported) == shape(original)
+    assert imported["title"] == original["title"]
+    # The imported copy is open, and the list now holds both.
+    expect_count(page, "#chatbot .user-row img", 2)
+    assert page.locator("#history-list label", has_text=FIRST_WORD).count() == 2
+
+
+def test_pdf_pages_attach_the_chosen_pages(page, store, tmp_path):
+    pymupdf = pytest.importorskip("pymupdf")
+    colors = [(1, 0, 0), (0, 0.8, 0), (0, 0, 1), (1, 0.85, 0)]  # red, green, blue, yellow
+    doc = pymupdf.open()
+    for color in colors:
+        p = doc.new_page(width=300, height=400)
+        p.draw_rect(p.rect, color=color, fill=color)
+    pdf = tmp_path / "colours.pdf"
+    doc.save(pdf)
+    doc.close()
+
+    open_accordion(page, "pdf-panel")
+    page.set_input_files("#pdf-upload input[type=file]", str(pdf))
+    expect_count(page, "#pdf-pages img", 4)
+    page.wait_for_selector("#pdf-info:has-text('4 pages')")
+    page.fill("#pdf-selection textarea, #pdf-selection input", "2,4")
+    page.click("#pdf-attach-btn")
+    page.wait_for_selector("#pdf-info:has-text('Attached page(s) 2, 4')")
+    expect_count(page, "#chat-input .thumbnail-item", 2)
+
+    send(page, "Which colours do the pdfpages show?")
+    wait_answer_finished(page)
+    expect_count(page, "#chatbot .user-row img", 2)
+    question = find_conversation(store, "pdfpages")["messages"][0]
+    assert [a["name"] for a in question["attachments"]] == ["page-2.png", "page-4.png"]
+    expected = [(0, 204, 0), (255, 217, 0)]
+    for attachment, rgb in zip(question["attachments"], expected):
+        with Image.open(store.attachment_path(attachment["sha256"])) as im:
+            assert max(im.size) == 384  # the demo model's native input size
+            pixel = im.convert("RGB").getpixel((im.width // 2, im.height // 2))
+        assert all(abs(a - b) <= 12 for a, b in zip(pixel, rgb)), (attachment["name"], pixel)
+
+    # A page that does not exist is refused with the page count.
+    page.fill("#pdf-selection textarea, #pdf-selection input", "7")
+    page.click("#pdf-attach-btn")
+    page.wait_for_selector("#notice:has-text('the PDF has 4 pages')")
+
+
+def test_bad_image_shows_an_error_and_stores_nothing(page, store, tmp_path):
+    fake = tmp_path / "notes.png"
+    fake.write_text("just some text, not a picture")
+    conversations = len(store.list_conversations(limit=1000))
+    attach(page, [fake])
+    send(page, "Describe this ibisword image")
+    notice = page.locator("#notice")
+    notice.wait_for(state="visible")
+    text = notice.inner_text()
+    assert "notes.png" in text and "image" in text.lower()
+    assert "Traceback" not in text
+    # Nothing was stored, and the message stays in the box to fix and resend.
+    assert len(store.list_conversations(limit=1000)) == conversations
+    assert store.search("ibisword") == []
+    assert page.locator("#chat-input textarea").input_value() == "Describe this ibisword image"
+    assert page.locator("#chatbot [data-testid=user]").count() == 0
+
+
+def test_headless_capture_and_empty_message_warn(page):
+    open_accordion(page, "screen-panel")
+    page.click("#capture-btn")
+    page.wait_for_selector("#notice:has-text('No display available')")
+    page.locator("#chat-input textarea").press("Enter")  # an empty message
+    page.wait_for_selector("#notice:has-text('Type a message')")
+
+
+def set_max_new_tokens(page, value: int) -> None:
+    open_accordion(page, "settings-panel")
+    number = page.locator("#max-new-tokens input[type=number]")
+    number.fill(str(value))
+    number.press("Tab")
+
+
+def test_edit_regenerate_delete_rename(page, store):
+    set_max_new_tokens(page, 24)
+    send(page, "First draft about an osprey")
+    wait_answer_finished(page)
+    conversation_id = find_conversation(store, "osprey")["id"]
+
+    # Edit last message: the text comes back into the box; sending replaces the question and its answer.
+    page.click("#edit-btn")
+    page.wait_for_selector("#edit-bar", state="visible")
+    box = page.locator("#chat-input textarea")
+    assert box.input_value() == "First draft about an osprey"
+    box.fill("Second draft about a heron")
+    box.press("Enter")
+    page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('heron')")
+    wait_answer_finished(page)
+    page.wait_for_selector("#edit-bar", state="hidden")
+    messages = store.get_conversation(conversation_id)["messages"]
+    assert [(m["role"], m["text"]) for m in messages][0] == ("user", "Second draft about a heron")
+    assert len(messages) == 2 and "osprey" not in page.locator("#chatbot").inner_text()
+
+    # Regenerate replaces the answer with a new one.
+    old_answer = messages[1]["id"]
+    page.click("#regenerate-btn")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        messages = store.get_conversation(conversation_id)["messages"]
+        if len(messages) == 2 and messages[1]["id"] != old_answer and messages[1]["status"] == "complete":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"regenerate did not replace the answer: {messages}")
+    wait_answer_finished(page)
+
+    # Rename, then Delete turn empties the transcript.
+    page.fill("#rename-box input", "Bird notes")
+    page.click("#rename-btn")
+    page.wait_for_selector("#history-list label:has-text('Bird notes')")
+    assert store.get_conversation(conversation_id)["title"] == "Bird notes"
+    page.click("#delete-turn-btn")
+    expect_count(page, "#chatbot [data-testid=user]", 0)
+    assert store.get_conversation(conversation_id)["messages"] == []
+
+    # Delete the conversation: asks first, Cancel keeps it, Delete removes it.
+    page.click("#delete-btn")
+    page.wait_for_selector("#delete-confirm", state="visible")
+    assert "Bird notes" in page.locator("#delete-confirm").inner_text()
+    page.click("#delete-no-btn")
+    page.wait_for_selector("#delete-confirm", state="hidden")
+    assert store.get_conversation(conversation_id)
+    page.click("#delete-btn")
+    page.click("#delete-yes-btn")
+    page.wait_for_selector("#history-list label:has-text('Bird notes')", state="detached")
+    assert conversation_id not in {c["id"] for c in store.list_conversations(limit=1000)}

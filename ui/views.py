@@ -1,0 +1,185 @@
+"""How stored data looks on screen: turn Store rows and service results into values for the widgets.
+
+Only presentation lives here (labels, HTML snippets, chatbot message dicts); no decisions about the data.
+Everything that ends up in HTML is escaped here, since message text, titles and file names are user input.
+"""
+
+from __future__ import annotations
+
+import html
+from datetime import datetime, timezone
+from typing import Any
+
+# Markers the store puts around search matches: control characters that can't occur in typed text, so the
+# escaped snippet can be highlighted without mistaking a literal "[" in a message for a match.
+HIGHLIGHT = ("\x02", "\x03")
+
+STREAMING_CURSOR = " ▍"
+
+
+# ---------------------------------------------------------------------- transcript
+def transcript(conversation: dict | None, streaming_id: int | None = None) -> tuple[list[dict], list[int]]:
+    """Chatbot messages for a stored conversation, and the message id behind each of them (same order).
+
+    A user turn shows its images (as thumbnails) above its text. `streaming_id` marks the answer being
+    written so it gets a cursor.
+    """
+    if not conversation:
+        return [], []
+    messages, ids = [], []
+    for m in conversation["messages"]:
+        if m["role"] == "user":
+            content: list[Any] = [
+                {"path": a["path"], "alt_text": a.get("name") or "image"} for a in m["attachments"]
+            ]
+            if m["text"]:
+                content.append(m["text"])
+            if not content:
+                content = ["(empty message)"]
+            messages.append({"role": "user", "content": content})
+        else:
+            messages.append({"role": "assistant", "content": answer_text(m, m["id"] == streaming_id)})
+        ids.append(m["id"])
+    return messages, ids
+
+
+def answer_text(message: dict, streaming: bool = False) -> str:
+    """The assistant bubble: the answer plus a note when it did not finish normally."""
+    text = message.get("text") or ""
+    status = message.get("status")
+    if streaming or status == "streaming":
+        return text + STREAMING_CURSOR
+    if status == "stopped":
+        return (text + "\n\n" if text else "") + "*(stopped)*"
+    if status == "failed":
+        error = message.get("error") or "unknown error"
+        return (text + "\n\n" if text else "") + f"**Generation failed:** {error}"
+    return text or "*(empty answer)*"
+
+
+def stats_line(stats: dict | None) -> str:
+    """One line about the last answer: speed, first-token latency, prompt and cache reuse."""
+    if not stats:
+        return ""
+    parts = [f"{stats.get('tokens', 0)} tokens"]
+    if stats.get("tokens_per_second"):
+        parts.append(f"{stats['tokens_per_second']:.1f} tok/s")
+    if stats.get("ttft"):
+        parts.append(f"first token {stats['ttft']:.2f} s")
+    if stats.get("prompt_tokens"):
+        parts.append(f"prompt {stats['prompt_tokens']} tokens ({stats.get('reused_tokens', 0)} reused)")
+    finish = {"stop": "finished", "length": "hit max new tokens", "cancelled": "stopped"}.get(stats.get("finish", ""))
+    if finish:
+        parts.append(finish)
+    return " · ".join(parts)
+
+
+# ---------------------------------------------------------------------- history
+def when(timestamp: str | None, now: datetime | None = None) -> str:
+    """A short local time for a stored UTC timestamp: "14:05" today, "Nov 24" this year, else "2023-11-24"."""
+    if not timestamp:
+        return ""
+    try:
+        moment = datetime.fromisoformat(timestamp).astimezone()
+    except ValueError:
+        return ""
+    now = (now or datetime.now(timezone.utc)).astimezone()
+    if moment.date() == now.date():
+        return moment.strftime("%H:%M")
+    if moment.year == now.year:
+        return moment.strftime("%b %d").replace(" 0", " ")
+    return moment.strftime("%Y-%m-%d")
+
+
+def title_of(conversation: dict) -> str:
+    return conversation.get("title") or "Untitled conversation"
+
+
+def history_choices(conversations: list[dict]) -> list[tuple[str, str]]:
+    """(label, conversation id) pairs for the history list, in the store's newest-first order."""
+    choices = []
+    for c in conversations:
+        count = c.get("message_count")
+        meta = [when(c.get("updated_at"))]
+        if count is not None:
+            meta.append(f"{count} msg")
+        choices.append((f"{title_of(c)}  ·  {' · '.join(m for m in meta if m)}", c["id"]))
+    return choices
+
+
+def search_results_html(query: str, hits: list[dict]) -> str:
+    """Clickable search results; each item carries its conversation id in data-conversation."""
+    if not query.strip():
+        return ""
+    if not hits:
+        return f'<div class="search-empty">No messages match “{html.escape(query.strip())}”.</div>'
+    items = []
+    for hit in hits:
+        snippet = html.escape(hit.get("snippet") or "")
+        snippet = snippet.replace(HIGHLIGHT[0], "<mark>").replace(HIGHLIGHT[1], "</mark>")
+        title = html.escape(hit.get("title") or "Untitled conversation")
+        role = "You" if hit.get("role") == "user" else "Assistant"
+        items.append(
+            f'<li class="search-hit" role="button" tabindex="0" '
+            f'data-conversation="{html.escape(hit["conversation_id"], quote=True)}">'
+            f'<div class="search-hit-title">{title}</div>'
+            f'<div class="search-hit-snippet"><span class="search-hit-role">{role}:</span> {snippet}</div></li>'
+        )
+    noun = "match" if len(hits) == 1 else "matches"
+    return f'<div class="search-count">{len(hits)} {noun}</div><ul class="search-hits">{"".join(items)}</ul>'
+
+
+# ---------------------------------------------------------------------- model and context
+def banner_html(info: dict) -> str:
+    """The model banner: what is loaded and how, or the load progress / failure."""
+    status = info.get("status")
+    model = html.escape(str(info.get("model") or ""))
+    if status == "ready":
+        facts = [("device", info.get("device")), ("dtype", info.get("dtype")),
+                 ("quantization", info.get("quantization")), ("memory", info.get("memory")),
+                 ("context", f"{info['context']} tokens" if info.get("context") else None)]
+        chips = "".join(f'<span class="chip"><b>{k}</b> {html.escape(str(v))}</span>' for k, v in facts if v)
+        head = f'<span class="status-dot ready"></span><span class="model-name">{model}</span>{chips}'
+    elif status == "loading":
+        pct = max(0.0, min(1.0, float(info.get("progress") or 0.0)))
+        stage = html.escape(str(info.get("stage") or ""))
+        head = (f'<span class="status-dot loading"></span><span class="model-name">Loading {model}…</span>'
+                f'<span class="load-bar"><span style="width:{pct * 100:.0f}%"></span></span>'
+                f'<span class="chip">{pct:.0%} · {stage}</span>'
+                '<span class="chip muted">history and settings work meanwhile</span>')
+    elif status == "failed":
+        error = html.escape(str(info.get("error") or "unknown error"))
+        head = (f'<span class="status-dot failed"></span><span class="model-name">{model}</span>'
+                f'<span class="load-error">failed to load: {error}</span>')
+    else:
+        head = f'<span class="status-dot"></span><span class="model-name">{model}</span> not loaded'
+    hint = info.get("hint")
+    hint_html = f'<div class="banner-hint">{html.escape(hint)}</div>' if hint else ""
+    return f'<div class="banner banner-{html.escape(str(status))}"><div class="banner-head">{head}</div>{hint_html}</div>'
+
+
+def meter_html(budget: Any, model_status: str | None = None) -> str:
+    """The context meter: tokens and image slots left, and the service's overflow warning."""
+    if budget is None:
+        note = "Context meter: available once the model has loaded." if model_status != "failed" \
+            else "Context meter: no model loaded."
+        return f'<div class="meter meter-idle">{note}</div>'
+    limit = max(1, budget.limit)
+    used = min(1.0, budget.used / limit)
+    reserved = min(1.0 - used, budget.reserved / limit)
+    level = "over" if budget.warning and budget.left <= 0 else "warn" if budget.warning else "ok"
+    slots = "image slot" if budget.images_left == 1 else "image slots"
+    text = (f"{budget.left:,} tokens left · {budget.images_left} {slots} left "
+            f"<span class='muted'>(used {budget.used:,} of {budget.limit:,}, "
+            f"{budget.reserved:,} kept for the answer, {budget.image_tokens} tokens per image)</span>")
+    warning = f'<div class="meter-warning">⚠ {html.escape(budget.warning)}</div>' if budget.warning else ""
+    return (f'<div class="meter meter-{level}"><div class="meter-bar">'
+            f'<span class="meter-used" style="width:{used * 100:.1f}%"></span>'
+            f'<span class="meter-reserved" style="width:{reserved * 100:.1f}%"></span></div>'
+            f'<div class="meter-text">{text}</div>{warning}</div>')
+
+
+# ---------------------------------------------------------------------- notices
+def notice_html(message: str, kind: str = "error") -> str:
+    icon = {"error": "⚠", "warning": "⚠", "info": "ℹ"}.get(kind, "")
+    return f'<div class="notice notice-{kind}" role="alert">{icon} {html.escape(message)}</div>'
