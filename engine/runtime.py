@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .cpu_bf16 import native_bf16, upcast_matmuls
 from .loading import LoadError, Progress, load_model
 from .model.config import VLConfig
 from .model.vlm import DeepSeekVL
@@ -126,6 +127,8 @@ class Runtime:
         if quantization:
             quantize_language_model(model, quantization, dt, dev, progress=progress)
             model.to(dev)
+        if dev.type == "cpu" and dt == torch.bfloat16 and not native_bf16():
+            upcast_matmuls(model)
         processor = VLChatProcessor.from_pretrained(directory, num_image_tokens=config.num_image_tokens)
         return cls(model=model, processor=processor, config=config, directory=directory, name=_display_name(source, directory),
                    device=dev, dtype=dt, quantization=quantization)

@@ -1,0 +1,51 @@
+"""bf16 on CPUs without bf16 arithmetic: fp32 math for matrix-matrix products, same parameters."""
+
+import torch
+from torch import nn
+
+from engine.cpu_bf16 import UpcastConv2d, UpcastLinear, upcast_matmuls
+from engine.demo import DEMO_DIR
+from engine.loading import load_model
+
+
+def test_upcast_keeps_parameters_and_computes_in_fp32():
+    model = load_model(DEMO_DIR, dtype=torch.bfloat16).model
+    keys = list(model.state_dict())
+    pixels = torch.rand(1, 3, 384, 384, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model.encode_images(pixels).float()
+        reference = load_model(DEMO_DIR).model.encode_images(pixels)
+        assert upcast_matmuls(model) > 0
+        after = model.encode_images(pixels).float()
+    assert list(model.state_dict()) == keys
+    assert isinstance(model.aligner.layers[0], UpcastLinear)
+    assert isinstance(model.vision_model.vision_tower.patch_embed.proj, UpcastConv2d)
+    # The same function within bf16 rounding, and as close to the fp32 model as the bf16 path is.
+    scale = reference.abs().max()
+    assert (after - before).abs().max() < 0.02 * scale
+    assert (after - reference).abs().max() < 0.02 * scale
+
+
+def test_many_row_products_run_in_fp32():
+    linear = nn.Linear(64, 32).to(torch.bfloat16)
+    upcast_matmuls(linear)
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    expected = nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float()).to(torch.bfloat16)
+    assert torch.equal(linear(x), expected)
+
+
+def test_one_row_products_stay_in_bf16():
+    linear = nn.Linear(64, 32).to(torch.bfloat16)
+    upcast_matmuls(linear)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    expected = nn.functional.linear(x, linear.weight, linear.bias)
+    assert torch.equal(linear(x), expected)
+
+
+def test_runtime_applies_it_for_cpu_bf16(monkeypatch):
+    import engine.runtime as runtime
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
+    loaded = runtime.Runtime.load(DEMO_DIR, dtype="bf16")
+    assert isinstance(loaded.model.aligner.layers[0], UpcastLinear)
+    assert type(runtime.Runtime.load(DEMO_DIR).model.aligner.layers[0]) is nn.Linear  # fp32: untouched
