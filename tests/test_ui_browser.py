@@ -105,17 +105,31 @@ def browser():
     manager.stop()
 
 
-@pytest.fixture
-def page(browser, server):
+@pytest.fixture(scope="module")
+def shared_page(browser, server):
+    """One tab for the module (loading the gradio page costs seconds); see `page` for the reset."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.js_errors = []
+    page.on("pageerror", lambda e: page.js_errors.append(str(e)))
     open_app(page, server["url"])
     yield page
     context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def page(shared_page):
+    """The shared tab, back on an empty new chat with no search and no notice."""
+    page = shared_page
+    page.js_errors.clear()
+    if page.locator("#history-search input").input_value():
+        page.fill("#history-search input", "")
+    page.click("#new-chat-btn")
+    expect_count(page, "#chatbot [data-testid=user]", 0)
+    page.wait_for_selector("#notice", state="hidden")
+    yield page
+    assert not page.js_errors, f"JavaScript errors on the page: {page.js_errors}"
 
 
 # ---------------------------------------------------------------------- helpers
@@ -211,12 +225,28 @@ def open_from_history(page, word: str) -> None:
     page.wait_for_function("(w) => document.querySelector('#chatbot').innerText.includes(w)", arg=word)
 
 
+def set_max_new_tokens(page, value: int) -> None:
+    open_accordion(page, "settings-panel")
+    number = page.locator("#max-new-tokens input[type=number]")
+    number.fill(str(value))
+    number.press("Tab")
+
+
+def upload_pdf(page, path: Path) -> None:
+    open_accordion(page, "pdf-panel")
+    clear = page.locator("#pdf-upload button[aria-label='Clear']")
+    if clear.count():  # a PDF from an earlier test is still loaded
+        clear.click()
+    page.set_input_files("#pdf-upload input[type=file]", str(path))
+
+
 FIRST_WORD = "zebrafinch"
 
 
 def ensure_first_conversation(page, store: Store, tmp_path: Path) -> dict:
     """The conversation test_send_two_images creates; made here too when that test was deselected."""
     if not [h for h in store.search(FIRST_WORD) if h["role"] == "user"]:
+        set_max_new_tokens(page, 96)
         attach(page, [make_png(tmp_path / "a.png", (220, 30, 30)), make_png(tmp_path / "b.png", (30, 30, 220))])
         send(page, f"What colours are these {FIRST_WORD} pictures?")
         wait_answer_finished(page)
@@ -228,6 +258,7 @@ def ensure_first_conversation(page, store: Store, tmp_path: Path) -> dict:
 def test_send_two_images_streams_an_answer(page, store, tmp_path):
     red = make_png(tmp_path / "red.png", (220, 30, 30))
     blue = make_png(tmp_path / "blue.png", (30, 30, 220), size=(40, 64))
+    set_max_new_tokens(page, 96)
     attach(page, [red, blue])
     record_answer_lengths(page)
     send(page, f"What colours are these {FIRST_WORD} pictures?")
@@ -287,8 +318,7 @@ def test_stop_mid_answer(page, store):
 
 def test_reload_and_open_from_history(page, store, server, tmp_path):
     conversation = ensure_first_conversation(page, store, tmp_path)
-    page.reload()
-    open_app(page, server["url"])
+    open_app(page, server["url"])  # a reload
     assert page.locator("#chatbot [data-testid=bot]").count() == 0  # a fresh page starts a new chat
     open_from_history(page, FIRST_WORD)
     expect_count(page, "#chatbot .user-row img", 2)
@@ -359,8 +389,8 @@ def test_pdf_pages_attach_the_chosen_pages(page, store, tmp_path):
     doc.save(pdf)
     doc.close()
 
-    open_accordion(page, "pdf-panel")
-    page.set_input_files("#pdf-upload input[type=file]", str(pdf))
+    set_max_new_tokens(page, 16)
+    upload_pdf(page, pdf)
     expect_count(page, "#pdf-pages img", 4)
     page.wait_for_selector("#pdf-info:has-text('4 pages')")
     page.fill("#pdf-selection textarea, #pdf-selection input", "2,4")
@@ -404,19 +434,32 @@ def test_bad_image_shows_an_error_and_stores_nothing(page, store, tmp_path):
     assert page.locator("#chatbot [data-testid=user]").count() == 0
 
 
-def test_headless_capture_and_empty_message_warn(page):
+def test_other_input_errors_are_shown(page, store, tmp_path):
+    conversations = len(store.list_conversations(limit=1000))
+    # Screen capture on a machine without a display (this test server has no DISPLAY).
     open_accordion(page, "screen-panel")
     page.click("#capture-btn")
     page.wait_for_selector("#notice:has-text('No display available')")
-    page.locator("#chat-input textarea").press("Enter")  # an empty message
+    # An empty message, then a 1 MB one.
+    box = page.locator("#chat-input textarea")
+    box.press("Enter")
     page.wait_for_selector("#notice:has-text('Type a message')")
+    box.fill("x" * 1_000_000)
+    box.press("Enter")
+    page.wait_for_selector("#notice:has-text('1,000,000 characters')")
+    assert len(box.input_value()) == 1_000_000  # kept, to be shortened
+    # A password-protected PDF.
+    pymupdf = pytest.importorskip("pymupdf")
+    doc = pymupdf.open()
+    doc.new_page()
+    locked = tmp_path / "locked.pdf"
+    doc.save(locked, encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="secret", owner_pw="owner")
+    doc.close()
+    upload_pdf(page, locked)
+    page.wait_for_selector("#notice:has-text('password-protected')")
+    assert "Traceback" not in page.locator("#notice").inner_text()
+    assert len(store.list_conversations(limit=1000)) == conversations
 
-
-def set_max_new_tokens(page, value: int) -> None:
-    open_accordion(page, "settings-panel")
-    number = page.locator("#max-new-tokens input[type=number]")
-    number.fill(str(value))
-    number.press("Tab")
 
 
 def test_edit_regenerate_delete_rename(page, store):

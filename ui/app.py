@@ -73,6 +73,9 @@ class ChatApp(gr.Blocks):
         kwargs.setdefault("theme", theme())
         kwargs.setdefault("css", CSS)
         kwargs.setdefault("footer_links", ["settings"])
+        # Gradio's own run history would copy every message (images included) into the browser's
+        # localStorage: a second, unencrypted history, and slow once a big message was sent.
+        kwargs.setdefault("run_history", False)
         # Exports and rendered attachments are written to the temp dir (allowed by default); stored
         # images are static files (see build_ui).
         return super().launch(*args, **kwargs)
@@ -250,8 +253,8 @@ def build_ui(service: ChatService, models: ModelManager, store: Store) -> gr.Blo
                                                 label="Max new tokens", elem_id="max-new-tokens")
                             repetition = gr.Slider(0.8, 2.0, value=defaults.repetition_penalty, step=0.01,
                                                    label="Repetition penalty", elem_id="repetition-penalty")
-                            seed = gr.Number(value=None, precision=0, label="Seed",
-                                             info="empty = random (only matters when temperature > 0)",
+                            seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed",
+                                             info="-1 = random (only matters when temperature > 0)",
                                              elem_id="seed")
                             system_prompt = gr.Textbox(
                                 label="System prompt", lines=3, elem_id="system-prompt",
@@ -267,7 +270,7 @@ def build_ui(service: ChatService, models: ModelManager, store: Store) -> gr.Blo
                         with gr.Accordion("PDF pages", open=False, elem_id="pdf-panel"):
                             pdf_file = gr.File(label="PDF", file_types=[".pdf"], type="filepath",
                                                elem_id="pdf-upload", height=110)
-                            pdf_pages = gr.Gallery(label="Pages (click to add to the selection)", columns=6,
+                            pdf_pages = gr.Gallery(label="Pages (click to add to the selection)", columns=5,
                                                    height=220, allow_preview=False, object_fit="contain",
                                                    interactive=False, elem_id="pdf-pages", visible=False)
                             with gr.Row():
@@ -285,8 +288,8 @@ def build_ui(service: ChatService, models: ModelManager, store: Store) -> gr.Blo
         def settings_of(values: tuple) -> dict:
             keys = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed", "system_prompt")
             settings = dict(zip(keys, values))
-            if settings["seed"] is None:
-                settings.pop("seed")
+            if settings["seed"] is None or settings["seed"] < 0:
+                settings.pop("seed")  # a fresh random seed for every answer
             return settings
 
         # ------------------------------------------------------------ views of one conversation
@@ -329,6 +332,9 @@ def build_ui(service: ChatService, models: ModelManager, store: Store) -> gr.Blo
 
         def refresh_meter(conversation_id, value, max_new_tokens):
             text, files = _input_parts(value)
+            if len(text) > service.max_text_chars:  # refused on send anyway; don't tokenize megabytes per key
+                return views.notice_html(f"The message is {len(text):,} characters long; the limit is "
+                                         f"{service.max_text_chars:,}.", "warning")
             try:
                 budget = service.budget(conversation_id, text, len(files), int(max_new_tokens or 1))
             except (ChatError, StoreError, ValueError):
@@ -626,10 +632,10 @@ def build_ui(service: ChatService, models: ModelManager, store: Store) -> gr.Blo
                 png = service.capture_screen(int(monitor_index if monitor_index is not None else 1))
             except CaptureError as e:
                 gr.Warning(str(e))
-                return {**_show(notice, str(e), "warning"), screen_note: str(e)}
+                return _show(notice, str(e), "warning")
             file = _scratch_file("screenshot.png")
             file.write_bytes(png)
-            return {chat_input: append_files(value, [str(file)]), screen_note: "", **_hide(notice)}
+            return {chat_input: append_files(value, [str(file)]), **_hide(notice)}
 
         # ------------------------------------------------------------ page load
         def on_load(conversation_id, value, max_new_tokens):
@@ -695,6 +701,6 @@ def build_ui(service: ChatService, models: ModelManager, store: Store) -> gr.Blo
                              [chat_input, pdf_info, notice])
         pdf_selection.submit(attach_pages, [pdf_path, pdf_selection, chat_input, conv, max_new],
                              [chat_input, pdf_info, notice])
-        capture_btn.click(capture, [monitor, chat_input], [chat_input, notice, screen_note])
+        capture_btn.click(capture, [monitor, chat_input], [chat_input, notice])
 
     return demo
