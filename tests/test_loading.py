@@ -126,3 +126,14 @@ def test_progress_reports_every_tensor(small_copy):
     seen = []
     load_model(small_copy, progress=lambda stage, done, total: seen.append((stage, done, total)))
     assert seen[-1][1] == seen[-1][2] == len(load_file(small_copy / "model.safetensors"))
+
+
+def test_fill_random_materializes_a_meta_model():
+    from engine.demo import DEMO_CONFIG
+    from engine.loading import fill_random
+    from engine.model.config import VLConfig
+
+    model = fill_random(build_model(VLConfig.from_official(DEMO_CONFIG)), torch.bfloat16)
+    assert not any(p.is_meta for p in model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert torch.isfinite(_logits(model)).all()
