@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import DynamicCache
 
 from conftest import REFERENCE_DIR
 from engine.generation import Sampler, SamplingParams, decode
 from engine.loading import build_model, load_model
 from engine.model.config import VLConfig
+from engine.model.llama import KVCache
 from engine.processing import ImageProcessorConfig
 
 TOLERANCE = 1e-4
@@ -124,7 +124,7 @@ def test_greedy_tokens(case):
         embeds = case.model.prepare_inputs_embeds(
             ids, case.pixel_values[i][real][None], t["images_seq_mask"][i][keep][None], t["images_emb_mask"][i][real][None]
         )
-        cache = DynamicCache(config=case.model.config.language)
+        cache = KVCache()
         out = case.model(input_ids=ids, inputs_embeds=embeds, cache=cache, use_cache=True)
         sampler = Sampler(SamplingParams(temperature=0.0, max_new_tokens=expected.shape[1]))
         tokens = list(decode(case.model, cache, out.logits[0, -1], sampler))

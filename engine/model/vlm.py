@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM
 
 from .adaptor import MlpProjector
 from .config import VLConfig
+from .llama import LlamaForCausalLM
 from .vision import build_vision
 
 

@@ -1,0 +1,183 @@
+"""Decode speed of the 1.3B DeepSeek-VL language model on this machine: transformers vs engine/model/llama.py.
+
+Builds the real LM architecture (hidden 2048, 24 layers, vocab 102400) with random bf16 weights (nothing is
+downloaded), fills a KV cache with a ~600-token context, then times one-token decode steps exactly as
+engine/generation.py runs them. Both models share the same weight tensors, so only one copy (~3.3 GB) is held.
+
+    .venv/bin/python benchmarks/bench_decode.py [--context 600] [--steps 40] [--profile]
+
+Not part of the test suite. Results go in benchmarks/RESULTS.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import torch
+from accelerate import init_empty_weights
+from transformers import DynamicCache, LlamaConfig
+from transformers import LlamaForCausalLM as HFLlama
+
+from engine.model.llama import KVCache, LlamaForCausalLM
+
+# deepseek-vl-1.3b-chat's language_config
+CONFIG = dict(vocab_size=102400, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+              num_key_value_heads=16, max_position_embeddings=16384, rms_norm_eps=1e-6,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
+
+
+def build(dtype=torch.bfloat16):
+    """(HF model, ours) sharing one set of random weights."""
+    cfg = LlamaConfig(**CONFIG)
+    with init_empty_weights():  # parameters and buffers on the meta device: nothing allocated
+        hf = HFLlama(cfg)
+    hf.to_empty(device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.data = p.data.to(dtype)
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+        rotary = hf.model.rotary_emb  # to_empty left its buffer uninitialised
+        rotary.inv_freq.copy_(rotary.compute_default_rope_parameters(cfg)[0])
+    with torch.device("meta"):
+        ours = LlamaForCausalLM(cfg)
+    ours.load_state_dict(hf.state_dict(), strict=True, assign=True)  # the same tensors, no copy
+    return hf.eval(), ours.eval()
+
+
+def filled_caches(cfg: LlamaConfig, context: int, dtype):
+    """The same random ~context-token K/V in an HF DynamicCache and in our KVCache."""
+    hf_cache, our_cache = DynamicCache(config=cfg), KVCache()
+    D = cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(1)
+    for i in range(cfg.num_hidden_layers):
+        k = torch.randn(1, cfg.num_key_value_heads, context, D, generator=g).to(dtype)
+        v = torch.randn(1, cfg.num_key_value_heads, context, D, generator=g).to(dtype)
+        hf_cache.update(k, v, i)
+        our_cache.update(k, v, i)
+    return hf_cache, our_cache
+
+
+def step(model, cache, token: int):
+    pos = cache.get_seq_length()
+    out = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[pos]]), cache=cache, use_cache=True)
+    return out.logits[0, -1]
+
+
+class Decoder:
+    """One model decoding greedily from its own cache, one timed step at a time."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+        with torch.inference_mode():
+            self.first = self.logits = step(model, cache, 1)
+
+    @torch.inference_mode()
+    def __call__(self):
+        self.logits = step(self.model, self.cache, int(self.logits.argmax()))
+
+
+def decode_weights(model) -> list[torch.Tensor]:
+    """The matrices one decode step reads, in order: 24 x 7 layer weights, then the lm_head."""
+    return [m.weight for layer in model.model.layers
+            for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                      layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)] + [model.lm_head.weight]
+
+
+def matmuls(model):
+    """The floor: only the 169 weight matrix-vector products of a decode step (same tensors, same order)."""
+    weights = decode_weights(model)
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1]).to(w.dtype) for w in weights}  # [1, in]
+    return lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights]
+
+
+def reads(model):
+    """A memory-bandwidth yardstick: summing the same weights once (read once, float32 accumulation)."""
+    weights = decode_weights(model)
+    return lambda: [w.sum() for w in weights]
+
+
+def profile(decoder: Decoder, label: str, steps: int = 5):
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            decoder()
+    print(f"\n--- {label}: {steps} decode steps")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
+    ap.add_argument("--profile", action="store_true", help="then print torch.profiler tables of 5 more steps")
+    ap.add_argument("--only", choices=["hf", "ours"], default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    load_before = os.getloadavg()  # this benchmark itself adds ~2 to the load average once it runs
+    hf, ours = build()
+    hf_cache, our_cache = filled_caches(hf.config, args.context, torch.bfloat16)
+    runs = {
+        "transformers LlamaForCausalLM + DynamicCache": Decoder(hf, hf_cache),
+        "engine.model.llama + KVCache": Decoder(ours, our_cache),
+        "(floor: the 169 weight matmuls alone)": torch.inference_mode()(matmuls(ours)),
+        "(yardstick: Tensor.sum over the same weights)": torch.inference_mode()(reads(ours)),
+    }
+    if args.only:
+        runs = {name: run for name, run in runs.items() if (args.only == "hf") == name.startswith("transformers")}
+    # Round-robin, one step each: the machine's load drifts, and this way every row sees the same drift.
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(args.warmup + args.steps):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            if i >= args.warmup:
+                results[name].append(time.perf_counter() - t)
+    decoders = [run for run in runs.values() if isinstance(run, Decoder)]
+    if len(decoders) == 2:
+        b, a = (d.first.float() for d in decoders)
+        error = float((a - b).abs().max() / b.abs().max())
+        print(f"first-step logits, ours vs HF: max |diff| / max |HF| = {error:.2e} (bf16 rounding)")
+
+    gigabytes = sum(w.numel() * w.element_size() for w in decode_weights(ours)) / 1e9
+    print(f"\nCPU: {cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), {datetime.datetime.now():%Y-%m-%d %H:%M}, "
+          f"1-min load average before the run {load_before[0]:.2f}")
+    print(f"1.3B LM, bf16, context {args.context} (+ steps), {args.steps} timed steps each after {args.warmup} warm-up; "
+          f"{gigabytes:.2f} GB of weights read per token\n")
+    print(f"| {'implementation':<46} | s/token (median) | tokens/s | min s/token | weights GB/s |")
+    print(f"|{'-' * 48}|------------------|----------|-------------|--------------|")
+    for name, times in results.items():
+        if times:
+            med = statistics.median(times)
+            print(f"| {name:<46} | {med:16.3f} | {1 / med:8.2f} | {min(times):11.3f} | {gigabytes / med:12.1f} |")
+
+    if args.profile:
+        for name, run in runs.items():
+            if isinstance(run, Decoder):
+                profile(run, name)
+
+
+if __name__ == "__main__":
+    main()
