@@ -216,9 +216,7 @@ class ChatSession:
 
     # ------------------------------------------------------------------ generation
     def _new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.runtime.config.language)
+        return self.runtime.model.language_model.new_cache()
 
     @torch.inference_mode()
     def _prefill(self, ids: torch.Tensor, keys: list) -> torch.Tensor:
@@ -231,7 +229,7 @@ class ChatSession:
         if self._cache is None:
             self._cache, common = self._new_cache(), 0
         elif common < self._cache.get_seq_length():
-            self._cache.crop(common - self._cache.get_seq_length())  # transformers 5: crop by a negative count
+            self._cache.crop(common)
         self._cached_keys = self._cached_keys[:common]
 
         new_keys = keys[common:]
