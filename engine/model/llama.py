@@ -187,8 +187,10 @@ class Attention(nn.Module):
                 y = y.masked_fill(empty, 0.0)
             y = y.reshape(B, 1, H * D)  # [B, 1, C]
         else:
+            # The cache hands v back as a transposed view; SDPA's CPU flash kernel needs a unit last-dim stride
+            # and otherwise falls back to the math path (measured 2.3x slower for a 620-token turn over 3,100).
             y = F.scaled_dot_product_attention(
-                q, k, v,
+                q, k, v.contiguous(),
                 attn_mask=allowed,  # [B or 1, 1, T, S] bool, or None: plain causal (no cache, no padding)
                 is_causal=allowed is None,
                 scale=self.scale,
