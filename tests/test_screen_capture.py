@@ -21,6 +21,8 @@ import pytest
 
 from app.screen_capture import CaptureError, Monitor, capture, list_monitors
 
+from conftest import stop_process
+
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="X11 display handling is Linux-only")
 
 
@@ -88,12 +90,7 @@ def xvfb(tmp_path_factory):
     try:
         yield f":{number}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def _read_display_number(fd: int, process: subprocess.Popen, timeout: float) -> str | None:

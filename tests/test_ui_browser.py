@@ -25,6 +25,8 @@ from PIL import Image
 
 from app.store import Store
 
+from conftest import stop_process
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("DSVL_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -73,12 +75,7 @@ def server(tmp_path_factory):
             time.sleep(0.25)
         yield {"url": url, "data_dir": data_dir, "log": log_path}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")
