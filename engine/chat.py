@@ -127,11 +127,6 @@ class ChatSession:
         if self.turns and self.turns[-1].role == ASSISTANT:
             self.turns.pop()
 
-    def delete_turn(self, index: int) -> None:
-        """Delete a user turn with its answer, or an answer alone."""
-        end = index + 2 if self.turns[index].role == USER and index + 1 < len(self.turns) else index + 1
-        del self.turns[index:end]
-
     def reset(self) -> None:
         self.turns.clear()
         self._cache, self._cached_keys = None, []
