@@ -12,6 +12,7 @@ Not part of the test suite. Results go in benchmarks/RESULTS.md by hand.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -23,6 +24,9 @@ from accelerate import init_empty_weights
 from transformers import DynamicCache, LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
+from engine import native
+from engine.cpu_bf16 import upcast_matmuls
+from engine.cpu_int8 import Int8Linear
 from engine.model.llama import KVCache, LlamaForCausalLM
 
 # deepseek-vl-1.3b-chat's language_config
@@ -50,17 +54,36 @@ def build(dtype=torch.bfloat16):
     return hf.eval(), ours.eval()
 
 
-def filled_caches(cfg: LlamaConfig, context: int, dtype):
-    """The same random ~context-token K/V in an HF DynamicCache and in our KVCache."""
-    hf_cache, our_cache = DynamicCache(config=cfg), KVCache()
+def sharing(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """Another instance of our model holding the same weight tensors (modules can then be swapped per copy)."""
+    with torch.device("meta"):
+        twin = LlamaForCausalLM(model.config)
+    twin.load_state_dict(model.state_dict(), strict=True, assign=True)
+    return twin.eval()
+
+
+def int8_decoder(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """What `--load-8bit` gives on a CPU: int8 decoder linears; lm_head and embeddings stay bf16."""
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                setattr(parent, name, Int8Linear.from_linear(child))
+    upcast_matmuls(model)
+    return model
+
+
+def filled_caches(cfg: LlamaConfig, context: int, dtype, n_ours: int):
+    """The same random ~context-token K/V in an HF DynamicCache and in n_ours of our KVCaches."""
+    hf_cache, our_caches = DynamicCache(config=cfg), [KVCache() for _ in range(n_ours)]
     D = cfg.hidden_size // cfg.num_attention_heads
     g = torch.Generator().manual_seed(1)
     for i in range(cfg.num_hidden_layers):
         k = torch.randn(1, cfg.num_key_value_heads, context, D, generator=g).to(dtype)
         v = torch.randn(1, cfg.num_key_value_heads, context, D, generator=g).to(dtype)
         hf_cache.update(k, v, i)
-        our_cache.update(k, v, i)
-    return hf_cache, our_cache
+        for cache in our_caches:
+            cache.update(k, v, i)
+    return hf_cache, our_caches
 
 
 def step(model, cache, token: int):
@@ -72,14 +95,16 @@ def step(model, cache, token: int):
 class Decoder:
     """One model decoding greedily from its own cache, one timed step at a time."""
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, use_native: bool = True):
         self.model, self.cache = model, cache
-        with torch.inference_mode():
+        self.kernels = contextlib.nullcontext if use_native else native.disabled
+        with torch.inference_mode(), self.kernels():
             self.first = self.logits = step(model, cache, 1)
 
     @torch.inference_mode()
     def __call__(self):
-        self.logits = step(self.model, self.cache, int(self.logits.argmax()))
+        with self.kernels():
+            self.logits = step(self.model, self.cache, int(self.logits.argmax()))
 
 
 def decode_weights(model) -> list[torch.Tensor]:
@@ -94,6 +119,13 @@ def matmuls(model):
     weights = decode_weights(model)
     inputs = {w.shape[1]: torch.randn(1, w.shape[1]).to(w.dtype) for w in weights}  # [1, in]
     return lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights]
+
+
+def native_matmuls(model):
+    """The same 169 products through engine/native's bf16 kernel."""
+    weights = decode_weights(model)
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1]).to(w.dtype) for w in weights}
+    return lambda: [native.gemv_bf16(inputs[w.shape[1]], w) for w in weights]
 
 
 def reads(model):
@@ -137,13 +169,21 @@ def main():
 
     load_before = os.getloadavg()  # this benchmark itself adds ~2 to the load average once it runs
     hf, ours = build()
-    hf_cache, our_cache = filled_caches(hf.config, args.context, torch.bfloat16)
+    ours_native = sharing(ours)
+    upcast_matmuls(ours_native)  # what Runtime does for bf16 on a CPU without bf16 instructions
+    hf_cache, (our_cache, native_cache, int8_cache) = filled_caches(hf.config, args.context, torch.bfloat16, 3)
     runs = {
         "transformers LlamaForCausalLM + DynamicCache": Decoder(hf, hf_cache),
-        "engine.model.llama + KVCache": Decoder(ours, our_cache),
+        "engine, PyTorch kernels only (DSVL_NATIVE=0)": Decoder(ours, our_cache, use_native=False),
         "(floor: the 169 weight matmuls alone)": torch.inference_mode()(matmuls(ours)),
         "(yardstick: Tensor.sum over the same weights)": torch.inference_mode()(reads(ours)),
     }
+    if native.kernels() is not None:
+        runs["engine, native GEMV + attention (the default)"] = Decoder(ours_native, native_cache)
+        runs["(floor: the 169 products, native kernel)"] = torch.inference_mode()(native_matmuls(ours))
+    else:
+        print(f"native kernels not used: {native.status()}")
+    runs["engine, --load-8bit (int8 decoder, bf16 lm_head)"] = Decoder(int8_decoder(sharing(ours)), int8_cache)
     if args.only:
         runs = {name: run for name, run in runs.items() if (args.only == "hf") == name.startswith("transformers")}
     # Round-robin, one step each: the machine's load drifts, and this way every row sees the same drift.
@@ -154,24 +194,29 @@ def main():
             run()
             if i >= args.warmup:
                 results[name].append(time.perf_counter() - t)
-    decoders = [run for run in runs.values() if isinstance(run, Decoder)]
-    if len(decoders) == 2:
-        b, a = (d.first.float() for d in decoders)
+    decoders = {name: run for name, run in runs.items() if isinstance(run, Decoder)}
+    reference = decoders.pop("transformers LlamaForCausalLM + DynamicCache", None)
+    for name, run in decoders.items() if reference else ():
+        b, a = reference.first.float(), run.first.float()
         error = float((a - b).abs().max() / b.abs().max())
-        print(f"first-step logits, ours vs HF: max |diff| / max |HF| = {error:.2e} (bf16 rounding)")
+        print(f"first-step logits, {name} vs HF: max |diff| / max |HF| = {error:.2e}")
 
     gigabytes = sum(w.numel() * w.element_size() for w in decode_weights(ours)) / 1e9
+    int8_model = runs["engine, --load-8bit (int8 decoder, bf16 lm_head)"].model
+    bytes_read = {"engine, --load-8bit (int8 decoder, bf16 lm_head)":
+                  sum(w.numel() * w.element_size() for w in decode_weights(int8_model)) / 1e9}
     print(f"\nCPU: {cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {datetime.datetime.now():%Y-%m-%d %H:%M}, "
           f"1-min load average before the run {load_before[0]:.2f}")
     print(f"1.3B LM, bf16, context {args.context} (+ steps), {args.steps} timed steps each after {args.warmup} warm-up; "
           f"{gigabytes:.2f} GB of weights read per token\n")
-    print(f"| {'implementation':<46} | s/token (median) | tokens/s | min s/token | weights GB/s |")
-    print(f"|{'-' * 48}|------------------|----------|-------------|--------------|")
+    print(f"| {'implementation':<52} | s/token (median) | tokens/s | min s/token | weights GB/s |")
+    print(f"|{'-' * 54}|------------------|----------|-------------|--------------|")
     for name, times in results.items():
         if times:
             med = statistics.median(times)
-            print(f"| {name:<46} | {med:16.3f} | {1 / med:8.2f} | {min(times):11.3f} | {gigabytes / med:12.1f} |")
+            gb = bytes_read.get(name, gigabytes)
+            print(f"| {name:<52} | {med:16.3f} | {1 / med:8.2f} | {min(times):11.3f} | {gb / med:12.1f} |")
 
     if args.profile:
         for name, run in runs.items():

@@ -13,7 +13,7 @@ from .loading import LoadError, Progress, load_model
 from .model.config import VLConfig
 from .model.vlm import DeepSeekVL
 from .processing import VLChatProcessor
-from .quantize import quantize_language_model
+from .quantize import pick_backend, quantize_language_model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -35,8 +35,9 @@ def pick_device(requested: str | None = None) -> torch.device:
     return device
 
 
-def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
-    """CUDA: bf16 where supported, else fp16. MPS: fp16. CPU: fp32 unless asked otherwise."""
+def pick_dtype(device: torch.device, requested: str | None = None, quantization: str | None = None) -> torch.dtype:
+    """CUDA: bf16 where supported, else fp16. MPS: fp16. CPU: fp32 unless asked otherwise, but bf16 when the
+    language model is quantized (who asks for 8-bit wants memory saved; fp32 would double the rest)."""
     if requested:
         if requested not in DTYPES:
             raise LoadError(f"unknown dtype {requested!r}; choose one of {sorted(set(DTYPES))}")
@@ -45,7 +46,7 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return torch.float32
+    return torch.bfloat16 if quantization else torch.float32
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -96,6 +97,7 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype
     quantization: str | None
+    quant_backend: str | None = None  # "bitsandbytes" or "int8" when quantized
 
     @classmethod
     def load(
@@ -105,6 +107,7 @@ class Runtime:
         device: str | None = None,
         dtype: str | None = None,
         quantization: str | None = None,
+        quant_backend: str = "auto",
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
         check_memory: bool = True,
@@ -112,7 +115,8 @@ class Runtime:
         from .loading import read_config, resolve_directory
 
         dev = pick_device(device)
-        dt = pick_dtype(dev, dtype)
+        dt = pick_dtype(dev, dtype, quantization)
+        backend = pick_backend(quantization, dev, quant_backend) if quantization else None
         directory = resolve_directory(source)
         config, _ = read_config(directory)
         need = estimate_bytes(config, dt, quantization)
@@ -125,13 +129,13 @@ class Runtime:
         loaded = load_model(directory, dtype=dt, device="cpu" if quantization else dev, progress=progress, cancel=cancel)
         model = loaded.model
         if quantization:
-            quantize_language_model(model, quantization, dt, dev, progress=progress)
+            quantize_language_model(model, quantization, dt, dev, progress=progress, backend=backend)
             model.to(dev)
         if dev.type == "cpu" and dt == torch.bfloat16 and not native_bf16():
             upcast_matmuls(model)
         processor = VLChatProcessor.from_pretrained(directory, num_image_tokens=config.num_image_tokens)
         return cls(model=model, processor=processor, config=config, directory=directory, name=_display_name(source, directory),
-                   device=dev, dtype=dt, quantization=quantization)
+                   device=dev, dtype=dt, quantization=quantization, quant_backend=backend)
 
     def describe(self) -> dict:
         return {
@@ -139,6 +143,7 @@ class Runtime:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "quantization": self.quantization or "none",
+            "quant_backend": self.quant_backend or "none",
             "memory_bytes": model_bytes(self.model),
             "context": self.config.max_context,
             "image_tokens": self.config.num_image_tokens,

@@ -1,4 +1,4 @@
-"""Real bitsandbytes 4/8-bit quantization of the language model, on the CPU."""
+"""4/8-bit quantization of the language model on the CPU: real bitsandbytes, and the engine's int8 kernels."""
 
 import pytest
 import torch
@@ -8,7 +8,8 @@ from engine.chat import ChatSession
 from engine.demo import DEMO_DIR
 from engine.generation import SamplingParams
 from engine.loading import LoadError
-from engine.quantize import QuantizationError, quantize_language_model
+from engine.cpu_int8 import Int8Linear
+from engine.quantize import QuantizationError, pick_backend, quantize_language_model
 from engine.runtime import Runtime, estimate_bytes, model_bytes
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -25,10 +26,15 @@ def _logits(runtime, ids=torch.tensor([[1, 40, 41, 42, 43, 44]])):
 
 
 # Minimum cosine similarity of the logits to the bf16 model's (measured: 8-bit 0.9999, NF4 0.987 on the
-# random demo weights, whose tiny values are harder on 4-bit than trained weights are).
-@pytest.mark.parametrize("mode, linear_type, similarity", [("8bit", "Linear8bitLt", 0.999), ("4bit", "Linear4bit", 0.97)])
-def test_quantized_load(full, mode, linear_type, similarity):
-    quant = Runtime.load(DEMO_DIR, dtype="bf16", quantization=mode)
+# random demo weights, whose tiny values are harder on 4-bit than trained weights are; int8 rows 0.9998).
+@pytest.mark.parametrize("mode, backend, linear_type, similarity", [
+    ("8bit", "bitsandbytes", "Linear8bitLt", 0.999),
+    ("4bit", "bitsandbytes", "Linear4bit", 0.97),
+    ("8bit", "int8", "Int8Linear", 0.999),
+])
+def test_quantized_load(full, mode, backend, linear_type, similarity):
+    quant = Runtime.load(DEMO_DIR, dtype="bf16", quantization=mode, quant_backend=backend)
+    assert quant.quant_backend == backend and quant.describe()["quant_backend"] == backend
     layers = quant.model.language_model.model.layers
     quantized = [m for m in layers.modules() if type(m).__name__ == linear_type]
     assert len(quantized) == 7 * len(layers)  # q, k, v, o, gate, up, down
@@ -53,6 +59,30 @@ def test_quantized_load(full, mode, linear_type, similarity):
 def test_unknown_quantization_mode(full):
     with pytest.raises(QuantizationError, match="unknown quantization"):
         quantize_language_model(full.model, "3bit", torch.bfloat16, "cpu")
+    with pytest.raises(QuantizationError, match="unknown quantization backend"):
+        quantize_language_model(full.model, "8bit", torch.bfloat16, "cpu", backend="gguf")
+    with pytest.raises(QuantizationError, match="8-bit only"):
+        pick_backend("4bit", "cpu", "int8")
+
+
+def test_automatic_backend_is_int8_for_8bit_on_cpu_and_bitsandbytes_elsewhere():
+    assert pick_backend("8bit", "cpu") == "int8"
+    assert pick_backend("4bit", "cpu") == "bitsandbytes"
+    assert pick_backend("8bit", "cuda") == "bitsandbytes"
+    assert pick_backend("4bit", "cuda:0") == "bitsandbytes"
+
+
+def test_8bit_on_cpu_by_default_is_int8_in_bf16_and_decodes_like_bf16(full):
+    quant = Runtime.load(DEMO_DIR, quantization="8bit")  # no dtype asked: bf16, not the CPU's fp32 default
+    assert quant.dtype == torch.bfloat16 and quant.quant_backend == "int8"
+    assert all(isinstance(m, Int8Linear) for layer in quant.model.language_model.model.layers
+               for m in (layer.self_attn.q_proj, layer.mlp.down_proj))
+    prompt = ChatSession(full), ChatSession(quant)
+    answers = []
+    for session in prompt:
+        session.add_user("Describe the weather")
+        answers.append(session.answer(SamplingParams(temperature=0, max_new_tokens=12)))
+    assert answers[0] == answers[1]  # greedy: int8 rows change no argmax on this model
 
 
 def test_estimate_shrinks_with_quantization(full):

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
+
 
 # ------------------------------------------------------------------ KV cache
 class KVCache:
@@ -173,7 +175,9 @@ class Attention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)  # [B, Hkv, S, D]
 
         allowed, empty = mask if mask is not None else (None, None)
-        if T == 1:
+        if T == 1 and mask is None and (y := native.attend_decode(q, k, v, self.scale)) is not None:
+            pass  # engine/native: fp32 scores, softmax and sum in one pass over the cache, threads over heads
+        elif T == 1:
             # Decode: one query row per head. Two bf16 matrix-vector products + softmax take about half the time
             # of SDPA's CPU flash kernel here (measured: ~1.1 vs ~1.9 ms per layer at 600 tokens).
             # Query heads that share a kv head (GQA) are consecutive, so they group without repeating k/v.

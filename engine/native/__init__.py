@@ -1,0 +1,178 @@
+"""Native decode kernels (decode_kernels.c), compiled on first use with the system C compiler.
+
+Optional by design: where there is no x86-64 CPU with AVX2 + FMA, no C compiler, or DSVL_NATIVE=0 is set,
+`kernels()` returns None and callers use their PyTorch path. `status()` says which and why.
+
+The shared library is cached under the user's cache directory, keyed by a hash of the source and the compile
+command, and written atomically, so concurrent first uses (several test processes) do not race.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("decode_kernels.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": ctypes.CDLL | None, "reason": str
+_off = threading.local()  # set by `disabled()`: this thread uses the PyTorch paths
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "deepseek-vl-local" / "native"
+
+
+def _cpu_supported() -> str | None:
+    """None if the CPU can run the kernels, else why not."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the kernels are written for x86-64 (this is {platform.machine()})"
+    try:
+        flags = set()
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return "cannot read /proc/cpuinfo to check for AVX2 + FMA"
+    missing = {"avx2", "fma"} - flags
+    return f"the CPU lacks {', '.join(sorted(missing))}" if missing else None
+
+
+def _build(compiler: str) -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"decode_kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
+        os.replace(tmp, target)  # atomic: another process sees the old state or the whole library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.dsvl_gemv_bf16.argtypes = [p, p, i, p, i, i, i, i]
+    lib.dsvl_gemv_bf16.restype = i
+    lib.dsvl_gemv_int8.argtypes = [p, p, p, i, p, i, i, i, i]
+    lib.dsvl_gemv_int8.restype = i
+    lg = ctypes.c_long
+    lib.dsvl_attend_decode.argtypes = [p, p, lg, lg, p, lg, lg, p, i, i, i, i, ctypes.c_float, i, i]
+    lib.dsvl_attend_decode.restype = i
+    return lib
+
+
+@contextlib.contextmanager
+def disabled():
+    """Use the PyTorch paths in this thread for a while (benchmarks compare the two; tests check fallbacks)."""
+    before = getattr(_off, "value", False)
+    _off.value = True
+    try:
+        yield
+    finally:
+        _off.value = before
+
+
+def kernels() -> ctypes.CDLL | None:
+    """The loaded library, or None (see `status()`); built once per process."""
+    if getattr(_off, "value", False):
+        return None
+    with _lock:
+        if "reason" not in _state:
+            _state["lib"], _state["reason"] = None, ""
+            if os.environ.get("DSVL_NATIVE", "1") == "0":
+                _state["reason"] = "disabled by DSVL_NATIVE=0"
+            elif reason := _cpu_supported():
+                _state["reason"] = reason
+            elif not (compiler := os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+                _state["reason"] = "no C compiler (cc or gcc) on PATH"
+            else:
+                try:
+                    _state["lib"] = _bind(ctypes.CDLL(str(_build(compiler))))
+                    _state["reason"] = "loaded"
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    _state["reason"] = f"build failed: {e}"
+        return _state["lib"]
+
+
+def status() -> str:
+    """'loaded', or why the PyTorch fallbacks are used."""
+    kernels()
+    return _state["reason"]
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)  # the kernels have no backward
+
+
+def _usable(x: torch.Tensor, weight: torch.Tensor, K: int, multiple: int) -> bool:
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
+            and x.numel() == K and K % multiple == 0 and x.is_contiguous() and weight.is_contiguous()
+            and not _needs_grad(x, weight))
+
+
+def gemv_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x [..., K] holding one row, weight bf16 [N, K] → x @ weightᵀ [..., N] in x's dtype; None if not applicable."""
+    lib = kernels()
+    N, K = weight.shape
+    if lib is None or weight.dtype != torch.bfloat16 or not _usable(x, weight, K, 16):
+        return None
+    y = x.new_empty(*x.shape[:-1], N)
+    bf16 = int(x.dtype == torch.bfloat16)
+    if lib.dsvl_gemv_bf16(weight.data_ptr(), x.data_ptr(), bf16, y.data_ptr(), bf16, N, K, torch.get_num_threads()):
+        raise MemoryError("gemv_bf16: out of memory")
+    return y
+
+
+def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """x [..., K] holding one row, weight int8 [N, K], scale fp32 [N] → x @ (weight·scale)ᵀ; None if not applicable."""
+    lib = kernels()
+    N, K = weight.shape
+    if lib is None or weight.dtype != torch.int8 or scale.dtype != torch.float32 or not _usable(x, weight, K, 32):
+        return None
+    y = x.new_empty(*x.shape[:-1], N)
+    bf16 = int(x.dtype == torch.bfloat16)
+    if lib.dsvl_gemv_int8(weight.data_ptr(), scale.data_ptr(), x.data_ptr(), bf16, y.data_ptr(), bf16, N, K,
+                          torch.get_num_threads()):
+        raise MemoryError("gemv_int8: out of memory")
+    return y
+
+
+def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """One new token's attention, batch 1, no mask: q [1, H, 1, D], k and v [1, Hkv, S, D] (as the KV cache
+    hands them back: k rows contiguous, v a transposed view whose positions are contiguous) → [1, 1, H·D]
+    in q's dtype; None if not applicable."""
+    lib = kernels()
+    if lib is None or q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    _, H, T, D = q.shape
+    B, Hkv, S, _ = k.shape
+    if (B != 1 or T != 1 or H % Hkv or D % 8 or k.dtype != q.dtype or v.dtype != q.dtype or v.shape != k.shape
+            or k.stride(-1) != 1 or v.stride(-2) != 1 or not q.is_contiguous() or _needs_grad(q, k, v)):
+        return None
+    out = q.new_empty(1, 1, H * D)
+    if lib.dsvl_attend_decode(q.data_ptr(), k.data_ptr(), k.stride(1), k.stride(2), v.data_ptr(), v.stride(1),
+                              v.stride(3), out.data_ptr(), H, Hkv, D, S, scale, int(q.dtype == torch.bfloat16),
+                              torch.get_num_threads()):
+        raise MemoryError("attend_decode: out of memory")
+    return out

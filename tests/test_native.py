@@ -1,0 +1,185 @@
+"""engine/native's decode kernels and the int8 linear built on them, against float references."""
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from engine import native
+from engine.cpu_int8 import Int8Linear, quantize_rows
+from tests.conftest import REPO
+
+SUPPORTED = native._cpu_supported() is None
+needs_kernels = pytest.mark.skipif(not SUPPORTED, reason=f"CPU cannot run the kernels: {native._cpu_supported()}")
+
+
+def _quantize_blocks(x: torch.Tensor):
+    """The kernel's activation quantization, in PyTorch: symmetric int8 per block of 32, half to even."""
+    blocks = x.float().reshape(-1, 32)
+    amax = blocks.abs().amax(1, keepdim=True)
+    q = torch.where(amax > 0, torch.round(blocks * (127.0 / amax)), torch.zeros_like(blocks))
+    return q, amax / 127.0  # [K/32, 32], [K/32, 1]
+
+
+@needs_kernels
+def test_kernels_build_and_load_here():
+    # This machine has x86-64 + AVX2 + a C compiler: the fast path must be the one the tests exercise.
+    assert native.kernels() is not None, native.status()
+    assert native.status() == "loaded"
+    assert any(native.cache_dir().glob("decode_kernels-*.so"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("N, K", [(64, 128), (67, 96), (1, 16), (1030, 2048)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv_bf16_matches_float_reference(N, K, dtype):
+    g = torch.Generator().manual_seed(N + K)
+    weight = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    x = torch.randn(1, 1, K, generator=g).to(dtype)
+    y = native.gemv_bf16(x, weight)
+    assert y is not None and y.shape == (1, 1, N) and y.dtype == dtype
+    reference = x.float() @ weight.float().T
+    # fp32 accumulation in another order, then (bf16 output) one rounding: within half a bf16 step.
+    tolerance = (2**-8 if dtype == torch.bfloat16 else 1e-5) * reference.abs() + 1e-4 * K**0.5
+    assert ((y.float() - reference).abs() <= tolerance).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("N, K", [(64, 128), (67, 96), (1030, 2048), (3, 5632)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv_int8_is_exact_integer_arithmetic(N, K, dtype):
+    g = torch.Generator().manual_seed(N * K)
+    weight, scale = quantize_rows(torch.randn(N, K, generator=g))
+    x = torch.randn(K, generator=g).to(dtype)
+    y = native.gemv_int8(x, weight, scale)
+    assert y is not None and y.shape == (N,) and y.dtype == dtype
+    xq, xs = _quantize_blocks(x)
+    # Per block an exact integer dot product, scaled by the block's activation scale and the row's scale.
+    per_block = torch.einsum("nbk,bk->nb", weight.double().reshape(N, -1, 32), xq.double())
+    terms = per_block * xs.double().T * scale.double()[:, None]  # [N, K/32]
+    reference = terms.sum(1)
+    # fp32 sums of K/32 terms: error relative to the terms' magnitude, not to a possibly cancelled total.
+    tolerance = (2**-8 if dtype == torch.bfloat16 else 0) * reference.abs() + 1e-6 * terms.abs().sum(1)
+    assert ((y.double() - reference).abs() <= tolerance).all()
+
+
+@needs_kernels
+def test_kernels_decline_what_they_cannot_do():
+    w16 = torch.randn(8, 48).to(torch.bfloat16)
+    assert native.gemv_bf16(torch.randn(1, 40), torch.randn(8, 40).to(torch.bfloat16)) is None  # K % 16
+    assert native.gemv_bf16(torch.randn(2, 48), w16) is None  # two rows: not a matrix-vector product
+    assert native.gemv_bf16(torch.randn(1, 48).half(), w16) is None  # fp16 activations
+    assert native.gemv_bf16(torch.randn(1, 48), w16.float()) is None  # fp32 weights
+    assert native.gemv_bf16(torch.randn(1, 48), torch.randn(48, 8).to(torch.bfloat16).T) is None  # not contiguous
+    w8, s8 = quantize_rows(torch.randn(8, 48))
+    assert native.gemv_int8(torch.randn(1, 48), w8, s8) is None  # K % 32
+
+
+def test_disabled_by_environment():
+    code = "from engine import native; print(native.kernels() is None, native.status())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={**os.environ, "DSVL_NATIVE": "0"}).stdout
+    assert out.strip() == "True disabled by DSVL_NATIVE=0"
+
+
+@needs_kernels
+def test_a_broken_compiler_falls_back_with_the_reason(tmp_path):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'fatal: no such thing' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    code = "from engine import native; print(native.kernels() is None); print(native.status())"
+    env = {**os.environ, "CC": str(fake), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True, env=env)
+    first, reason = out.stdout.strip().splitlines()
+    assert first == "True" and reason.startswith("build failed:") and "no such thing" in reason
+
+
+# ------------------------------------------------------------------ Int8Linear
+def test_quantize_rows_bounds_the_error_per_row():
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 10, 16)[:, None]
+    weight[3] = 0  # an all-zero row must not divide by zero
+    q, scale = quantize_rows(weight)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and q.abs().max() <= 127
+    assert torch.equal(q[3], torch.zeros(64, dtype=torch.int8))
+    error = (q.float() * scale[:, None] - weight).abs()
+    assert (error <= scale[:, None] / 2 + 1e-6 * weight.abs()).all()  # half a step, plus fp32 rounding
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_linear_close_to_the_float_linear(rows, dtype):
+    torch.manual_seed(rows)
+    linear = nn.Linear(256, 96, bias=True)
+    q = Int8Linear.from_linear(linear)
+    assert q.weight.dtype == torch.int8 and not any(p.requires_grad for p in q.parameters())
+    x = torch.randn(1, rows, 256)
+    with torch.no_grad():
+        expected = linear(x)
+        y = q(x.to(dtype))
+    assert y.shape == expected.shape and y.dtype == dtype
+    relative = (y.float() - expected).norm() / expected.norm()
+    assert relative < 0.02
+
+
+def test_int8_linear_without_native_kernels_uses_pytorch():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96, bias=False)
+    q = Int8Linear.from_linear(linear)
+    x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast = q(x)
+        with native.disabled():
+            fallback = q(x)  # torch._weight_int8pack_mm: same weights, activations not quantized
+        expected = x.float() @ q.dequantized(torch.float32).T
+    assert (fallback.float() - expected).norm() / expected.norm() < 0.01
+    assert (fast.float() - expected).norm() / expected.norm() < 0.02
+
+
+# ------------------------------------------------------------------ decode attention
+@needs_kernels
+@pytest.mark.parametrize("H, Hkv, S", [(4, 4, 1), (8, 2, 37), (16, 16, 600)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_decode_matches_softmax_attention_over_the_cache(H, Hkv, S, dtype):
+    from engine.model.llama import KVCache
+
+    D = 64
+    g = torch.Generator().manual_seed(S)
+    cache = KVCache(capacity=16)  # grows by doubling: the kernel reads views into a larger buffer
+    k, v = (torch.randn(1, Hkv, S, D, generator=g).to(dtype) for _ in range(2))
+    k, v = cache.update(k, v, 0)
+    q = torch.randn(1, H, 1, D, generator=g).to(dtype)
+    y = native.attend_decode(q, k, v, D**-0.5)
+    assert y is not None and y.shape == (1, 1, H * D) and y.dtype == dtype
+    kf, vf = (t.float().repeat_interleave(H // Hkv, dim=1) for t in (k, v))
+    reference = torch.softmax(q.float() @ kf.transpose(-2, -1) * D**-0.5, -1) @ vf  # [1, H, 1, D]
+    reference = reference.transpose(1, 2).reshape(1, 1, H * D)
+    tolerance = 2**-8 if dtype == torch.bfloat16 else 1e-5
+    assert ((y.float() - reference).abs() <= tolerance * reference.abs() + 1e-5).all()
+
+
+@needs_kernels
+def test_attend_decode_declines_batches_and_gradients():
+    q = torch.randn(2, 4, 1, 8)
+    k = v = torch.randn(2, 4, 5, 8)
+    assert native.attend_decode(q, k, v, 0.3) is None
+    q = torch.randn(1, 4, 1, 8, requires_grad=True)
+    assert native.attend_decode(q, k[:1], v[:1], 0.3) is None
+
+
+def test_decoding_with_and_without_native_kernels_agrees():
+    from engine.demo import DEMO_DIR
+    from engine.loading import load_model
+
+    lm = load_model(DEMO_DIR).model.language_model  # fp32
+    logits = []
+    for use_native in (True, False):
+        cache = lm.new_cache()
+        with torch.no_grad(), (contextlib.nullcontext() if use_native else native.disabled()):
+            lm(input_ids=torch.tensor([[1, 5, 9, 33, 70]]), cache=cache, use_cache=True)
+            out = [lm(input_ids=torch.tensor([[t]]), cache=cache, use_cache=True).logits for t in (3, 4, 5)]
+        logits.append(torch.cat(out, 1))
+    assert (logits[0] - logits[1]).abs().max() < 1e-5 * logits[1].abs().max()
