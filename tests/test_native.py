@@ -183,3 +183,39 @@ def test_decoding_with_and_without_native_kernels_agrees():
             out = [lm(input_ids=torch.tensor([[t]]), cache=cache, use_cache=True).logits for t in (3, 4, 5)]
         logits.append(torch.cat(out, 1))
     assert (logits[0] - logits[1]).abs().max() < 1e-5 * logits[1].abs().max()
+
+
+# ------------------------------------------------------------------ fused RMSNorm and rotary
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_the_pytorch_form(dtype):
+    from engine.model.llama import RMSNorm
+
+    norm = RMSNorm(2048, 1e-6).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(2048, generator=g) + 0.5)
+    x = (torch.randn(1, 1, 2048, generator=g) * 3).to(dtype)
+    with torch.no_grad():
+        fused = native.rmsnorm(x, norm.weight, 1e-6)
+        with native.disabled():
+            reference = norm(x)
+    assert fused is not None and fused.dtype == dtype
+    # Same roundings; only the fp32 sum of squares is added up in another order (a last-bit difference at most).
+    step = 2**-7 if dtype == torch.bfloat16 else 1e-6
+    assert ((fused.float() - reference.float()).abs() <= step * reference.float().abs()).all()
+    assert (fused == reference).float().mean() > 0.99
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_matches_apply_rotary(dtype):
+    from engine.model.llama import Rotary, apply_rotary
+
+    cos, sin = Rotary(128, 10000.0)(torch.tensor([[777]]), dtype)
+    cos, sin = cos[:, None], sin[:, None]  # [1, 1, 1, D]
+    x = torch.randn(1, 16, 1, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = apply_rotary(x, cos, sin)
+    assert native.rotary_(x, cos, sin)
+    assert torch.equal(x, expected)
+    assert not native.rotary_(torch.randn(1, 16, 2, 128).to(dtype), cos, sin)  # two positions: not a decode step

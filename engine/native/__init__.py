@@ -79,6 +79,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lg = ctypes.c_long
     lib.dsvl_attend_decode.argtypes = [p, p, lg, lg, p, lg, lg, p, i, i, i, i, ctypes.c_float, i, i]
     lib.dsvl_attend_decode.restype = i
+    lib.dsvl_rmsnorm.argtypes = [p, p, p, i, ctypes.c_float, i]
+    lib.dsvl_rmsnorm.restype = None
+    lib.dsvl_rotary.argtypes = [p, p, p, i, i, i]
+    lib.dsvl_rotary.restype = None
     return lib
 
 
@@ -176,3 +180,32 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
                               torch.get_num_threads()):
         raise MemoryError("attend_decode: out of memory")
     return out
+
+
+def _same_cpu_dtype(*tensors: torch.Tensor) -> bool:
+    first = tensors[0]
+    return (first.dtype in (torch.bfloat16, torch.float32) and first.device.type == "cpu"
+            and all(t.dtype == first.dtype and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            and not _needs_grad(*tensors))
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """Llama's RMSNorm of one vector x [..., K] (one row in all); None if not applicable."""
+    lib = kernels()
+    K = weight.numel()
+    if lib is None or x.numel() != K or not _same_cpu_dtype(x, weight):
+        return None
+    out = torch.empty_like(x)
+    lib.dsvl_rmsnorm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), K, eps, int(x.dtype == torch.bfloat16))
+    return out
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """In place, x [1, heads, 1, D] ← x·cos + rotate_half(x)·sin for cos, sin [1, 1, 1, D]; False if not done."""
+    lib = kernels()
+    D = x.shape[-1]
+    if (lib is None or x.dim() != 4 or x.shape[0] != 1 or x.shape[2] != 1 or D % 2 or D > 1024
+            or cos.numel() != D or sin.numel() != D or not _same_cpu_dtype(x, cos, sin)):
+        return False
+    lib.dsvl_rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), x.shape[1], D, int(x.dtype == torch.bfloat16))
+    return True

@@ -202,8 +202,24 @@ int dsvl_attend_decode(const void *q, const void *k, long k_head, long k_pos, co
             int kv = h / group;
             for (int d = 0; d < D; d++) qf[d] = load1(q, (size_t)h * D + d, bf16);
             const size_t kbase = (size_t)kv * k_head, vbase = (size_t)kv * v_head;
+            /* Scores: four keys at a time, so four independent FMA chains hide the FMA latency. */
             float max = -INFINITY;
-            for (int s = 0; s < S; s++) {
+            int s = 0;
+            for (; s + 4 <= S; s += 4) {
+                const size_t r = kbase + (size_t)s * k_pos;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int d = 0; d < D; d += 8) {
+                    __m256 qv = _mm256_loadu_ps(qf + d);
+                    a0 = _mm256_fmadd_ps(load8(k, r + d, bf16), qv, a0);
+                    a1 = _mm256_fmadd_ps(load8(k, r + k_pos + d, bf16), qv, a1);
+                    a2 = _mm256_fmadd_ps(load8(k, r + 2 * k_pos + d, bf16), qv, a2);
+                    a3 = _mm256_fmadd_ps(load8(k, r + 3 * k_pos + d, bf16), qv, a3);
+                }
+                p[s] = hsum(a0) * scale, p[s + 1] = hsum(a1) * scale;
+                p[s + 2] = hsum(a2) * scale, p[s + 3] = hsum(a3) * scale;
+                max = fmaxf(max, fmaxf(fmaxf(p[s], p[s + 1]), fmaxf(p[s + 2], p[s + 3])));
+            }
+            for (; s < S; s++) {
                 __m256 a = _mm256_setzero_ps();
                 for (int d = 0; d < D; d += 8)
                     a = _mm256_fmadd_ps(load8(k, kbase + (size_t)s * k_pos + d, bf16), _mm256_loadu_ps(qf + d), a);
@@ -211,20 +227,77 @@ int dsvl_attend_decode(const void *q, const void *k, long k_head, long k_pos, co
                 max = fmaxf(max, p[s]);
             }
             float total = 0.0f;
-            for (int s = 0; s < S; s++) total += (p[s] = expf(p[s] - max));
+            for (s = 0; s < S; s++) total += (p[s] = expf(p[s] - max));
             float inv = 1.0f / total;
-            for (int d = 0; d < D; d++) {
-                const size_t row = vbase + (size_t)d * v_dim;
-                __m256 a = _mm256_setzero_ps();
-                int s = 0;
-                for (; s + 8 <= S; s += 8) a = _mm256_fmadd_ps(load8(vt, row + s, bf16), _mm256_loadu_ps(p + s), a);
-                float y = hsum(a);
-                for (; s < S; s++) y += load1(vt, row + s, bf16) * p[s];
-                store(out, bf16, h * D + d, y * inv);
+            /* Weighted sum of values: four value rows (head dims) at a time share each load of p. */
+            for (int d = 0; d < D; d += 4) {
+                const size_t r = vbase + (size_t)d * v_dim;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                int t = 0;
+                for (; t + 8 <= S; t += 8) {
+                    if ((t & 31) == 0 && d + 4 < D) {
+                        /* Value rows are short (S elements) and far apart: the hardware prefetcher barely ramps
+                         * up on each. Pull the next four rows in while these four are summed (~30% faster). */
+                        const size_t item = bf16 ? 2 : 4, row_bytes = (size_t)v_dim * item;
+                        const char *next = (const char *)vt + (r + 4 * (size_t)v_dim + t) * item;
+                        _mm_prefetch(next, _MM_HINT_T0);
+                        _mm_prefetch(next + row_bytes, _MM_HINT_T0);
+                        _mm_prefetch(next + 2 * row_bytes, _MM_HINT_T0);
+                        _mm_prefetch(next + 3 * row_bytes, _MM_HINT_T0);
+                    }
+                    __m256 pv = _mm256_loadu_ps(p + t);
+                    a0 = _mm256_fmadd_ps(load8(vt, r + t, bf16), pv, a0);
+                    a1 = _mm256_fmadd_ps(load8(vt, r + v_dim + t, bf16), pv, a1);
+                    a2 = _mm256_fmadd_ps(load8(vt, r + 2 * v_dim + t, bf16), pv, a2);
+                    a3 = _mm256_fmadd_ps(load8(vt, r + 3 * v_dim + t, bf16), pv, a3);
+                }
+                float y0 = hsum(a0), y1 = hsum(a1), y2 = hsum(a2), y3 = hsum(a3);
+                for (; t < S; t++) {
+                    y0 += load1(vt, r + t, bf16) * p[t];
+                    y1 += load1(vt, r + v_dim + t, bf16) * p[t];
+                    y2 += load1(vt, r + 2 * v_dim + t, bf16) * p[t];
+                    y3 += load1(vt, r + 3 * v_dim + t, bf16) * p[t];
+                }
+                store(out, bf16, h * D + d, y0 * inv);
+                store(out, bf16, h * D + d + 1, y1 * inv);
+                store(out, bf16, h * D + d + 2, y2 * inv);
+                store(out, bf16, h * D + d + 3, y3 * inv);
             }
         }
         free(p);
         free(qf);
     }
     return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------ small fused steps of a decoder layer */
+/* In a decode step these run on one 2048-vector each, where PyTorch spends more time dispatching its five to
+ * seven small ops than computing. Both round where transformers' Llama rounds (every op PyTorch rounds to the
+ * model dtype is rounded here too); only fp32 summation order differs. */
+static inline float round_to(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+/* out = w * (x / sqrt(mean(x²) + eps)), statistics in fp32; x, w, out [K] of one dtype. */
+void dsvl_rmsnorm(const void *x, const void *w, void *out, int K, float eps, int bf16) {
+    float sum = 0.0f;
+    for (int k = 0; k < K; k++) {
+        float v = load1(x, k, bf16);
+        sum += v * v;
+    }
+    float r = 1.0f / sqrtf(sum / K + eps);
+    for (int k = 0; k < K; k++) store(out, bf16, k, load1(w, k, bf16) * round_to(load1(x, k, bf16) * r, bf16));
+}
+
+/* x <- x * cos + rotate_half(x) * sin in place, for `heads` rows of D; cos, sin [D]. */
+void dsvl_rotary(void *x, const void *cos, const void *sin, int heads, int D, int bf16) {
+    int half = D / 2;
+    float row[1024];
+    for (int h = 0; h < heads; h++) {
+        size_t base = (size_t)h * D;
+        for (int d = 0; d < D; d++) row[d] = load1(x, base + d, bf16);
+        for (int d = 0; d < D; d++) {
+            float rotated = d < half ? -row[d + half] : row[d - half];
+            float a = round_to(row[d] * load1(cos, d, bf16), bf16), b = round_to(rotated * load1(sin, d, bf16), bf16);
+            store(x, bf16, base + d, a + b);
+        }
+    }
 }
