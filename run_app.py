@@ -61,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "which runs offline but answers gibberish)")
     quant = model.add_mutually_exclusive_group()
     quant.add_argument("--load-4bit", action="store_true", help="quantize the language model to 4-bit (NF4)")
-    quant.add_argument("--load-8bit", action="store_true", help="quantize the language model to 8-bit")
+    quant.add_argument("--load-8bit", action="store_true",
+                       help="quantize the language model to 8-bit (on a CPU also the fastest way to decode)")
     model.add_argument("--device", type=_device, default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     model.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                       help="weights dtype (default auto: bf16/fp16 on GPU, fp32 on CPU)")
+                       help="weights dtype (default auto: bf16/fp16 on GPU, fp32 on CPU, bf16 on CPU when quantized)")
     server = p.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")

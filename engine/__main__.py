@@ -23,7 +23,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=str(DEMO_DIR), help="checkpoint directory or hub id (default: the embedded demo)")
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--load-4bit", action="store_true", help="NF4-quantize the language model (bitsandbytes)")
-    quant.add_argument("--load-8bit", action="store_true", help="8-bit-quantize the language model (bitsandbytes)")
+    quant.add_argument("--load-8bit", action="store_true",
+                       help="8-bit-quantize the language model (int8 kernels on CPU, bitsandbytes on GPU)")
+    parser.add_argument("--quant-backend", choices=["auto", "bitsandbytes", "int8"], default="auto",
+                        help="who quantizes (default auto: int8 for 8-bit on CPU, bitsandbytes otherwise)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: by device)")
 
@@ -37,9 +40,11 @@ def load_runtime(args):
         if done == total or done % 50 == 0:
             print(f"\rloading {stage}: {done}/{total}", end="", file=sys.stderr, flush=True)
 
-    runtime = Runtime.load(args.model, device=args.device, dtype=args.dtype, quantization=quantization, progress=progress)
+    runtime = Runtime.load(args.model, device=args.device, dtype=args.dtype, quantization=quantization,
+                           quant_backend=args.quant_backend, progress=progress)
     info = runtime.describe()
-    print(f"\r{info['model']} on {info['device']} ({info['dtype']}, quantization {info['quantization']}, "
+    quantized = f"{info['quantization']} ({info['quant_backend']})" if runtime.quantization else "none"
+    print(f"\r{info['model']} on {info['device']} ({info['dtype']}, quantization {quantized}, "
           f"{info['memory_bytes'] / 2**20:.0f} MiB)", file=sys.stderr)
     return runtime
 

@@ -27,6 +27,13 @@ def test_chat_session_with_images_reset_and_exit(tmp_path):
     assert "prompt tokens from cache" in result.stderr
 
 
+def test_8bit_chat_on_cpu_uses_the_int8_kernels_and_says_so():
+    result = run(["chat", "--load-8bit", "--device", "cpu", "--max-new-tokens", "4"], "hello\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert "(bfloat16, quantization 8bit (int8)" in result.stderr
+    assert result.stdout.count("Assistant:") == 1
+
+
 def test_bad_image_is_reported_and_the_chat_goes_on(tmp_path):
     fake = tmp_path / "fake.png"
     fake.write_text("not an image")
