@@ -254,6 +254,7 @@ class ModelManager:
         if self._runtime is not None and self._status == "ready":
             d = self._runtime.describe()
             quantization = d["quantization"] if d["quantization"] == "none" else f"{d['quantization']} ({d['quant_backend']})"
+            info["hint"] = info["hint"] or d["advice"]
             info.update(device=d["device"], dtype=d["dtype"], quantization=quantization,
                         memory_bytes=d["memory_bytes"], memory=_size(d["memory_bytes"]), context=d["context"],
                         image_size=d["image_size"])

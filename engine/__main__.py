@@ -46,6 +46,8 @@ def load_runtime(args):
     quantized = f"{info['quantization']} ({info['quant_backend']})" if runtime.quantization else "none"
     print(f"\r{info['model']} on {info['device']} ({info['dtype']}, quantization {quantized}, "
           f"{info['memory_bytes'] / 2**20:.0f} MiB)", file=sys.stderr)
+    if info["advice"]:
+        print(f"note: {info['advice']}", file=sys.stderr)
     return runtime
 
 

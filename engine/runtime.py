@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import native
 from .cpu_bf16 import native_bf16, upcast_matmuls
 from .loading import LoadError, Progress, load_model
 from .model.config import VLConfig
@@ -133,9 +134,18 @@ class Runtime:
             model.to(dev)
         if dev.type == "cpu" and dt == torch.bfloat16 and not native_bf16():
             upcast_matmuls(model)
+        if dev.type == "cpu":
+            native.kernels()  # compile the decode kernels now (about a second, once), not at the first token
         processor = VLChatProcessor.from_pretrained(directory, num_image_tokens=config.num_image_tokens)
         return cls(model=model, processor=processor, config=config, directory=directory, name=_display_name(source, directory),
                    device=dev, dtype=dt, quantization=quantization, quant_backend=backend)
+
+    def advice(self) -> str | None:
+        """A hint when the chosen setup is known to be slow, else None."""
+        if self.device.type == "cpu" and self.quant_backend == "bitsandbytes":
+            return (f"{self.quantization} through bitsandbytes on a CPU saves memory but decodes many times slower "
+                    "than bf16 (measured 8x for NF4, 36x for LLM.int8); --load-8bit uses int8 kernels that are faster.")
+        return None
 
     def describe(self) -> dict:
         return {
@@ -144,6 +154,7 @@ class Runtime:
             "dtype": str(self.dtype).removeprefix("torch."),
             "quantization": self.quantization or "none",
             "quant_backend": self.quant_backend or "none",
+            "advice": self.advice(),
             "memory_bytes": model_bytes(self.model),
             "context": self.config.max_context,
             "image_tokens": self.config.num_image_tokens,
