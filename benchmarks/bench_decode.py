@@ -26,7 +26,7 @@ from transformers import LlamaForCausalLM as HFLlama
 
 from engine import native
 from engine.cpu_bf16 import upcast_matmuls
-from engine.cpu_int8 import Int8Linear
+from engine.cpu_quant import Int8Linear, NF4Linear
 from engine.model.llama import KVCache, LlamaForCausalLM
 
 # deepseek-vl-1.3b-chat's language_config
@@ -62,12 +62,13 @@ def sharing(model: LlamaForCausalLM) -> LlamaForCausalLM:
     return twin.eval()
 
 
-def int8_decoder(model: LlamaForCausalLM) -> LlamaForCausalLM:
-    """What `--load-8bit` gives on a CPU: int8 decoder linears; lm_head and embeddings stay bf16."""
+def quantized_decoder(model: LlamaForCausalLM, kind) -> LlamaForCausalLM:
+    """What `--load-8bit` (kind=Int8Linear) or `--load-4bit` (NF4Linear) give on a CPU: quantized decoder
+    linears; lm_head and embeddings stay bf16."""
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
-                setattr(parent, name, Int8Linear.from_linear(child))
+                setattr(parent, name, kind(child))
     upcast_matmuls(model)
     return model
 
@@ -107,11 +108,16 @@ class Decoder:
             self.logits = step(self.model, self.cache, int(self.logits.argmax()))
 
 
+def decode_modules(model) -> list[torch.nn.Module]:
+    """The 24 x 7 layer linears one decode step reads, in order."""
+    return [m for layer in model.model.layers
+            for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                      layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+
+
 def decode_weights(model) -> list[torch.Tensor]:
     """The matrices one decode step reads, in order: 24 x 7 layer weights, then the lm_head."""
-    return [m.weight for layer in model.model.layers
-            for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                      layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)] + [model.lm_head.weight]
+    return [m.weight for m in decode_modules(model)] + [model.lm_head.weight]
 
 
 def matmuls(model):
@@ -171,7 +177,7 @@ def main():
     hf, ours = build()
     ours_native = sharing(ours)
     upcast_matmuls(ours_native)  # what Runtime does for bf16 on a CPU without bf16 instructions
-    hf_cache, (our_cache, native_cache, int8_cache) = filled_caches(hf.config, args.context, torch.bfloat16, 3)
+    hf_cache, (our_cache, native_cache, int8_cache, nf4_cache) = filled_caches(hf.config, args.context, torch.bfloat16, 4)
     runs = {
         "transformers LlamaForCausalLM + DynamicCache": Decoder(hf, hf_cache),
         "engine, PyTorch kernels only (DSVL_NATIVE=0)": Decoder(ours, our_cache, use_native=False),
@@ -183,7 +189,8 @@ def main():
         runs["(floor: the 169 products, native kernel)"] = torch.inference_mode()(native_matmuls(ours))
     else:
         print(f"native kernels not used: {native.status()}")
-    runs["engine, --load-8bit (int8 decoder, bf16 lm_head)"] = Decoder(int8_decoder(sharing(ours)), int8_cache)
+    runs["engine, --load-8bit (int8 decoder, bf16 lm_head)"] = Decoder(quantized_decoder(sharing(ours), Int8Linear), int8_cache)
+    runs["engine, --load-4bit (nf4 decoder, bf16 lm_head)"] = Decoder(quantized_decoder(sharing(ours), NF4Linear), nf4_cache)
     if args.only:
         runs = {name: run for name, run in runs.items() if (args.only == "hf") == name.startswith("transformers")}
     # Round-robin, one step each: the machine's load drifts, and this way every row sees the same drift.
@@ -202,9 +209,9 @@ def main():
         print(f"first-step logits, {name} vs HF: max |diff| / max |HF| = {error:.2e}")
 
     gigabytes = sum(w.numel() * w.element_size() for w in decode_weights(ours)) / 1e9
-    int8_model = runs["engine, --load-8bit (int8 decoder, bf16 lm_head)"].model
-    bytes_read = {"engine, --load-8bit (int8 decoder, bf16 lm_head)":
-                  sum(w.numel() * w.element_size() for w in decode_weights(int8_model)) / 1e9}
+    bytes_read = {name: sum(t.numel() * t.element_size() for m in decode_modules(run.model) for t in m.buffers())
+                  / 1e9 + ours.lm_head.weight.numel() * 2 / 1e9
+                  for name, run in runs.items() if "--load" in name}
     print(f"\nCPU: {cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {datetime.datetime.now():%Y-%m-%d %H:%M}, "
           f"1-min load average before the run {load_before[0]:.2f}")

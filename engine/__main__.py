@@ -22,11 +22,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", default=str(DEMO_DIR), help="checkpoint directory or hub id (default: the embedded demo)")
     quant = parser.add_mutually_exclusive_group()
-    quant.add_argument("--load-4bit", action="store_true", help="NF4-quantize the language model (bitsandbytes)")
+    quant.add_argument("--load-4bit", action="store_true",
+                       help="NF4-quantize the language model (bitsandbytes; on CPU multiplied by the engine's kernels)")
     quant.add_argument("--load-8bit", action="store_true",
                        help="8-bit-quantize the language model (int8 kernels on CPU, bitsandbytes on GPU)")
-    parser.add_argument("--quant-backend", choices=["auto", "bitsandbytes", "int8"], default="auto",
-                        help="who quantizes (default auto: int8 for 8-bit on CPU, bitsandbytes otherwise)")
+    parser.add_argument("--quant-backend", choices=["auto", "bitsandbytes", "int8", "nf4"], default="auto",
+                        help="who quantizes (default auto: the engine's int8/nf4 kernels on CPU, bitsandbytes on GPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: by device)")
 

@@ -2,10 +2,11 @@
 
 Vision towers, adaptor, embeddings and lm_head stay in the compute dtype (they are small, or sensitive: the
 paper's image features pass through them). Two backends:
-- bitsandbytes (NF4 with double quantization, or LLM.int8): the default on GPUs, and the only 4-bit one.
-  It works on the CPU too (bitsandbytes ≥ 0.45), but slowly: measured 10-40x slower per token than bf16 there.
-- int8 (`engine/cpu_int8.py`): int8 rows + scales multiplied directly by `engine/native`; the default for
-  8-bit on the CPU, where it decodes faster than bf16 instead of slower.
+- bitsandbytes (NF4 with double quantization, or LLM.int8): the default on GPUs. It works on the CPU too
+  (bitsandbytes ≥ 0.45), but slowly: measured 8-36x slower per token than bf16 there.
+- int8 and nf4 (`engine/cpu_quant.py`): the defaults on the CPU, where they decode faster than bf16 instead of
+  slower. int8 rows + scales for 8-bit; for 4-bit the very NF4 weights bitsandbytes computes, multiplied in
+  their packed form by `engine/native`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import cpu_int8
+from . import cpu_quant
 
 MODES = ("8bit", "4bit")
-BACKENDS = ("auto", "bitsandbytes", "int8")
+BACKENDS = ("auto", "bitsandbytes", "int8", "nf4")
+CPU_BACKENDS = {"int8": ("8bit", cpu_quant.Int8Linear), "nf4": ("4bit", cpu_quant.NF4Linear)}
 
 
 class QuantizationError(RuntimeError):
@@ -44,15 +46,17 @@ def _quantized_linear(linear: nn.Linear, mode: str, compute_dtype: torch.dtype, 
 
 
 def pick_backend(mode: str, device, backend: str = "auto") -> str:
-    """`auto`: the engine's int8 kernels for 8-bit on the CPU, bitsandbytes otherwise."""
+    """`auto`: the engine's CPU kernels (int8 for 8-bit, nf4 for 4-bit) on the CPU, bitsandbytes elsewhere."""
     if mode not in MODES:
         raise QuantizationError(f"unknown quantization {mode!r}; choose one of {MODES}")
     if backend not in BACKENDS:
         raise QuantizationError(f"unknown quantization backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        return "int8" if mode == "8bit" and torch.device(device).type == "cpu" else "bitsandbytes"
-    if backend == "int8" and mode != "8bit":
-        raise QuantizationError("the int8 backend does 8-bit only; 4-bit needs --quant-backend bitsandbytes")
+        if torch.device(device).type != "cpu":
+            return "bitsandbytes"
+        return "int8" if mode == "8bit" else "nf4"
+    if backend in CPU_BACKENDS and CPU_BACKENDS[backend][0] != mode:
+        raise QuantizationError(f"the {backend} backend does {CPU_BACKENDS[backend][0]} only, not {mode}")
     return backend
 
 
@@ -63,13 +67,14 @@ def quantize_language_model(model: nn.Module, mode: str, compute_dtype: torch.dt
     layers = model.language_model.model.layers
     targets = [(parent, name, child) for layer in layers for parent in layer.modules()
                for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    if backend == "int8":
-        cpu_int8.quantize_linears(targets, progress)
+    if backend != "int8":  # nf4 quantizes with bitsandbytes too
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise QuantizationError(f"{mode} loading with {backend} needs bitsandbytes: pip install bitsandbytes") from e
+    if backend in CPU_BACKENDS:
+        cpu_quant.quantize_linears(targets, CPU_BACKENDS[backend][1], progress)
         return backend
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        raise QuantizationError("4/8-bit loading needs bitsandbytes: pip install bitsandbytes") from e
     for done, (parent, name, child) in enumerate(targets, 1):
         setattr(parent, name, _quantized_linear(child, mode, compute_dtype, device))
         if progress:

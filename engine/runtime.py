@@ -98,7 +98,7 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype
     quantization: str | None
-    quant_backend: str | None = None  # "bitsandbytes" or "int8" when quantized
+    quant_backend: str | None = None  # "bitsandbytes", "int8" or "nf4" when quantized
 
     @classmethod
     def load(
@@ -144,7 +144,8 @@ class Runtime:
         """A hint when the chosen setup is known to be slow, else None."""
         if self.device.type == "cpu" and self.quant_backend == "bitsandbytes":
             return (f"{self.quantization} through bitsandbytes on a CPU saves memory but decodes many times slower "
-                    "than bf16 (measured 8x for NF4, 36x for LLM.int8); --load-8bit uses int8 kernels that are faster.")
+                    "than bf16 (measured 8x for NF4, 36x for LLM.int8); the default --quant-backend auto uses the "
+                    "engine's CPU kernels instead, which are faster than bf16.")
         return None
 
     def describe(self) -> dict:

@@ -10,16 +10,16 @@ import torch
 from torch import nn
 
 from engine import native
-from engine.cpu_int8 import Int8Linear, quantize_rows
+from engine.cpu_quant import Int8Linear, quantize_rows
 from tests.conftest import REPO
 
 SUPPORTED = native._cpu_supported() is None
 needs_kernels = pytest.mark.skipif(not SUPPORTED, reason=f"CPU cannot run the kernels: {native._cpu_supported()}")
 
 
-def _quantize_blocks(x: torch.Tensor):
-    """The kernel's activation quantization, in PyTorch: symmetric int8 per block of 32, half to even."""
-    blocks = x.float().reshape(-1, 32)
+def _quantize_blocks_of(x: torch.Tensor, size: int):
+    """The kernels' activation quantization, in PyTorch: symmetric int8 per block, half to even."""
+    blocks = x.float().reshape(-1, size)
     amax = blocks.abs().amax(1, keepdim=True)
     q = torch.where(amax > 0, torch.round(blocks * (127.0 / amax)), torch.zeros_like(blocks))
     return q, amax / 127.0  # [K/32, 32], [K/32, 1]
@@ -57,7 +57,7 @@ def test_gemv_int8_is_exact_integer_arithmetic(N, K, dtype):
     x = torch.randn(K, generator=g).to(dtype)
     y = native.gemv_int8(x, weight, scale)
     assert y is not None and y.shape == (N,) and y.dtype == dtype
-    xq, xs = _quantize_blocks(x)
+    xq, xs = _quantize_blocks_of(x, 32)
     # Per block an exact integer dot product, scaled by the block's activation scale and the row's scale.
     per_block = torch.einsum("nbk,bk->nb", weight.double().reshape(N, -1, 32), xq.double())
     terms = per_block * xs.double().T * scale.double()[:, None]  # [N, K/32]
@@ -114,7 +114,7 @@ def test_quantize_rows_bounds_the_error_per_row():
 def test_int8_linear_close_to_the_float_linear(rows, dtype):
     torch.manual_seed(rows)
     linear = nn.Linear(256, 96, bias=True)
-    q = Int8Linear.from_linear(linear)
+    q = Int8Linear(linear)
     assert q.weight.dtype == torch.int8 and not any(p.requires_grad for p in q.parameters())
     x = torch.randn(1, rows, 256)
     with torch.no_grad():
@@ -128,7 +128,7 @@ def test_int8_linear_close_to_the_float_linear(rows, dtype):
 def test_int8_linear_without_native_kernels_uses_pytorch():
     torch.manual_seed(0)
     linear = nn.Linear(256, 96, bias=False)
-    q = Int8Linear.from_linear(linear)
+    q = Int8Linear(linear)
     x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
     with torch.no_grad():
         fast = q(x)
@@ -219,3 +219,55 @@ def test_rotary_in_place_matches_apply_rotary(dtype):
     assert native.rotary_(x, cos, sin)
     assert torch.equal(x, expected)
     assert not native.rotary_(torch.randn(1, 16, 2, 128).to(dtype), cos, sin)  # two positions: not a decode step
+
+
+# ------------------------------------------------------------------ NF4 (bitsandbytes' 4-bit format)
+def _nf4(N, K, seed):
+    from engine.cpu_quant import NF4Linear
+
+    linear = nn.Linear(K, N, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(N, K, generator=torch.Generator().manual_seed(seed)))
+    return linear, NF4Linear(linear)
+
+
+def test_nf4_dequantizes_to_what_bitsandbytes_computes_with():
+    import bitsandbytes.functional as bnbf
+
+    linear, q = _nf4(24, 192, 0)
+    packed, state = bnbf.quantize_4bit(linear.weight.detach(), blocksize=64, compress_statistics=True, quant_type="nf4")
+    expected = bnbf.dequantize_4bit(packed, state).float()
+    assert torch.allclose(q.dequantized(torch.float32), expected, rtol=1e-6, atol=1e-6)
+    with native.disabled():  # the PyTorch unpacking agrees with the C one
+        assert torch.allclose(q.dequantized(torch.float32), expected, rtol=1e-6, atol=1e-6)
+    assert q.packed.numel() == 24 * 192 // 2 and q.absmax.numel() == 24 * 192 // 64
+
+
+@needs_kernels
+@pytest.mark.parametrize("N, K", [(8, 64), (37, 192), (300, 2048)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv_nf4_is_exact_integer_arithmetic(N, K, dtype):
+    _, q = _nf4(N, K, N + K)
+    x = torch.randn(K, generator=torch.Generator().manual_seed(K)).to(dtype)
+    y = q(x)
+    assert y.shape == (N,) and y.dtype == dtype
+    assert native.gemv_nf4(x, q.packed, q.absmax, q.levels_int8, (N, K)) is not None
+    # Reference: int8 levels × activation quantized per 64 (even/odd split does not change the sum), exactly.
+    codes = torch.stack((q.packed >> 4, q.packed & 15), 1).flatten().long().view(N, K // 64, 64)
+    w_int = q.levels_int8[codes].double()  # [N, K/64, 64]
+    xq, xs = _quantize_blocks_of(x, 64)  # [K/64, 64], [K/64, 1]
+    per_block = torch.einsum("nbk,bk->nb", w_int, xq.double())
+    terms = per_block * (xs.double().T / 127) * q.absmax.double().view(N, K // 64)
+    reference = terms.sum(1)
+    tolerance = (2**-8 if dtype == torch.bfloat16 else 0) * reference.abs() + 1e-6 * terms.abs().sum(1)
+    assert ((y.double() - reference).abs() <= tolerance).all()
+
+
+def test_nf4_linear_close_to_the_float_linear():
+    linear, q = _nf4(96, 256, 3)
+    for rows in (1, 5):
+        x = torch.randn(1, rows, 256, generator=torch.Generator().manual_seed(rows))
+        with torch.no_grad():
+            expected = linear(x)
+            y = q(x)
+        assert (y - expected).norm() / expected.norm() < 0.12  # NF4's own error on Gaussian weights is ~9%

@@ -8,7 +8,7 @@ from engine.chat import ChatSession
 from engine.demo import DEMO_DIR
 from engine.generation import SamplingParams
 from engine.loading import LoadError
-from engine.cpu_int8 import Int8Linear
+from engine.cpu_quant import Int8Linear
 from engine.quantize import QuantizationError, pick_backend, quantize_language_model
 from engine.runtime import Runtime, estimate_bytes, model_bytes
 
@@ -31,12 +31,16 @@ def _logits(runtime, ids=torch.tensor([[1, 40, 41, 42, 43, 44]])):
     ("8bit", "bitsandbytes", "Linear8bitLt", 0.999),
     ("4bit", "bitsandbytes", "Linear4bit", 0.97),
     ("8bit", "int8", "Int8Linear", 0.999),
+    ("4bit", "nf4", "NF4Linear", 0.97),
 ])
 def test_quantized_load(full, mode, backend, linear_type, similarity):
     quant = Runtime.load(DEMO_DIR, dtype="bf16", quantization=mode, quant_backend=backend)
     assert quant.quant_backend == backend and quant.describe()["quant_backend"] == backend
     # bitsandbytes on a CPU is slow: the runtime says so (the app's banner and the CLI show it).
     assert (quant.advice() is not None) == (backend == "bitsandbytes")
+    if backend == "nf4":  # the same NF4 numbers bitsandbytes computes with
+        ref = Runtime.load(DEMO_DIR, dtype="bf16", quantization=mode, quant_backend="bitsandbytes")
+        assert torch.nn.functional.cosine_similarity(_logits(ref).flatten(), _logits(quant).flatten(), 0) > 0.999
     layers = quant.model.language_model.model.layers
     quantized = [m for m in layers.modules() if type(m).__name__ == linear_type]
     assert len(quantized) == 7 * len(layers)  # q, k, v, o, gate, up, down
@@ -63,13 +67,15 @@ def test_unknown_quantization_mode(full):
         quantize_language_model(full.model, "3bit", torch.bfloat16, "cpu")
     with pytest.raises(QuantizationError, match="unknown quantization backend"):
         quantize_language_model(full.model, "8bit", torch.bfloat16, "cpu", backend="gguf")
-    with pytest.raises(QuantizationError, match="8-bit only"):
+    with pytest.raises(QuantizationError, match="does 8bit only, not 4bit"):
         pick_backend("4bit", "cpu", "int8")
+    with pytest.raises(QuantizationError, match="does 4bit only, not 8bit"):
+        pick_backend("8bit", "cpu", "nf4")
 
 
-def test_automatic_backend_is_int8_for_8bit_on_cpu_and_bitsandbytes_elsewhere():
+def test_automatic_backend_is_the_engines_kernels_on_cpu_and_bitsandbytes_elsewhere():
     assert pick_backend("8bit", "cpu") == "int8"
-    assert pick_backend("4bit", "cpu") == "bitsandbytes"
+    assert pick_backend("4bit", "cpu") == "nf4"
     assert pick_backend("8bit", "cuda") == "bitsandbytes"
     assert pick_backend("4bit", "cuda:0") == "bitsandbytes"
 

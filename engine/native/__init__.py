@@ -79,6 +79,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lg = ctypes.c_long
     lib.dsvl_attend_decode.argtypes = [p, p, lg, lg, p, lg, lg, p, i, i, i, i, ctypes.c_float, i, i]
     lib.dsvl_attend_decode.restype = i
+    lib.dsvl_gemv_nf4.argtypes = [p, p, p, p, i, p, i, i, i, i]
+    lib.dsvl_gemv_nf4.restype = i
+    lib.dsvl_dequantize_nf4.argtypes = [p, p, p, p, lg, i]
+    lib.dsvl_dequantize_nf4.restype = None
     lib.dsvl_rmsnorm.argtypes = [p, p, p, i, ctypes.c_float, i]
     lib.dsvl_rmsnorm.restype = None
     lib.dsvl_rotary.argtypes = [p, p, p, i, i, i]
@@ -160,6 +164,34 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
                           torch.get_num_threads()):
         raise MemoryError("gemv_int8: out of memory")
     return y
+
+
+def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, levels_int8: torch.Tensor,
+             shape: tuple[int, int]) -> torch.Tensor | None:
+    """x [..., K] holding one row; bitsandbytes NF4 weight of `shape` [N, K] as packed uint8 [N·K/2] + fp32 absmax
+    per 64 → x @ Wᵀ [..., N]; None if not applicable (K must be a multiple of 64)."""
+    lib = kernels()
+    N, K = shape
+    if (lib is None or K % 64 or packed.dtype != torch.uint8 or absmax.dtype != torch.float32
+            or not absmax.is_contiguous() or not _usable(x, packed, K, 64)):
+        return None
+    y = x.new_empty(*x.shape[:-1], N)
+    bf16 = int(x.dtype == torch.bfloat16)
+    if lib.dsvl_gemv_nf4(packed.data_ptr(), absmax.data_ptr(), levels_int8.data_ptr(), x.data_ptr(), bf16,
+                         y.data_ptr(), bf16, N, K, torch.get_num_threads()):
+        raise MemoryError("gemv_nf4: out of memory")
+    return y
+
+
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, numel: int) -> torch.Tensor | None:
+    """fp32 [numel] weights from packed NF4 codes, absmax per 64 and the 16 fp32 levels; None if not applicable."""
+    lib = kernels()
+    if lib is None or numel % 2 or packed.device.type != "cpu" or not (packed.is_contiguous() and absmax.is_contiguous()):
+        return None
+    out = torch.empty(numel, dtype=torch.float32)
+    lib.dsvl_dequantize_nf4(packed.data_ptr(), absmax.data_ptr(), levels.data_ptr(), out.data_ptr(), numel,
+                            torch.get_num_threads())
+    return out
 
 
 def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:

@@ -301,3 +301,79 @@ void dsvl_rotary(void *x, const void *cos, const void *sin, int heads, int D, in
         }
     }
 }
+
+/* ------------------------------------------------------------------ NF4 weights (bitsandbytes' 4-bit format) */
+/* W is bitsandbytes' packed NF4: two 4-bit codes per byte, the first element in the high nibble, one absmax per
+ * block of 64 consecutive elements (taken here as fp32, already un-double-quantized). The 16 NF4 levels come as
+ * int8 (round(level * 127)): a code becomes an int8 weight with one byte shuffle, then the dot products run on
+ * integer instructions as in dsvl_gemv_int8 (llama.cpp's IQ4_NL does the same). The activation is quantized per
+ * block of 64, its even and odd elements stored apart so that they line up with the high and low nibbles. */
+#define NF4BLOCK 64
+
+static void quantize_blocks_split(const float *x, int8_t *xq, float *scales, int K) {
+    for (int b = 0; b < K / NF4BLOCK; b++) {
+        const float *v = x + b * NF4BLOCK;
+        float amax = 0.0f;
+        for (int i = 0; i < NF4BLOCK; i++) amax = fmaxf(amax, fabsf(v[i]));
+        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        scales[b] = amax / (127.0f * 127.0f); /* activation step times the levels' 1/127 */
+        for (int i = 0; i < NF4BLOCK / 2; i++) {
+            xq[b * NF4BLOCK + i] = (int8_t)lrintf(v[2 * i] * inv);                 /* even: high nibbles */
+            xq[b * NF4BLOCK + NF4BLOCK / 2 + i] = (int8_t)lrintf(v[2 * i + 1] * inv); /* odd: low nibbles */
+        }
+    }
+}
+
+/* Eight int32 partial sums of one row's 64-element block against the split activation block. */
+static inline __m256i dot64_nf4(const uint8_t *packed, const int8_t *xq, __m256i lut) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)packed), low4 = _mm256_set1_epi8(0x0f);
+    __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+    __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low4));
+    return _mm256_add_epi32(dot32_i8(hi, _mm256_loadu_si256((const __m256i *)xq)),
+                            dot32_i8(lo, _mm256_loadu_si256((const __m256i *)(xq + NF4BLOCK / 2))));
+}
+
+/* y = dequant(W) x; W packed [N * K / 2] bytes, absmax [N * K / 64], levels int8 [16]; K a multiple of 64. */
+int dsvl_gemv_nf4(const uint8_t *W, const float *absmax, const int8_t *levels, const void *x, int x_bf16,
+                  void *y, int y_bf16, int N, int K, int threads) {
+    float *xf = malloc((size_t)K * sizeof(float));
+    int8_t *xq = malloc((size_t)K);
+    float *xs = malloc((size_t)(K / NF4BLOCK) * sizeof(float));
+    if (!xf || !xq || !xs) { free(xf); free(xq); free(xs); return -1; }
+    load_vector(x, x_bf16, xf, K);
+    quantize_blocks_split(xf, xq, xs, K);
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)levels));
+    const int nb = K / NF4BLOCK;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = W + (size_t)n * K / 2;
+        const float *am = absmax + (size_t)n * nb;
+        __m256 a = _mm256_setzero_ps(), c = a;
+        int b = 0;
+        for (; b + 2 <= nb; b += 2) { /* two blocks per pass: two independent chains */
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64_nf4(row + b * 32, xq + b * NF4BLOCK, lut)),
+                                _mm256_set1_ps(am[b] * xs[b]), a);
+            c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64_nf4(row + (b + 1) * 32, xq + (b + 1) * NF4BLOCK, lut)),
+                                _mm256_set1_ps(am[b + 1] * xs[b + 1]), c);
+        }
+        if (b < nb)
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64_nf4(row + b * 32, xq + b * NF4BLOCK, lut)),
+                                _mm256_set1_ps(am[b] * xs[b]), a);
+        store(y, y_bf16, n, hsum(_mm256_add_ps(a, c)));
+    }
+    free(xf);
+    free(xq);
+    free(xs);
+    return 0;
+}
+
+/* out [N*K] fp32 = level[code] * absmax of its block, for the compute-bound (many-row) products. */
+void dsvl_dequantize_nf4(const uint8_t *W, const float *absmax, const float *levels, float *out, long numel,
+                         int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long i = 0; i < numel / 2; i++) {
+        float scale = absmax[(2 * i) / NF4BLOCK];
+        out[2 * i] = levels[W[i] >> 4] * scale;
+        out[2 * i + 1] = levels[W[i] & 15] * scale;
+    }
+}
