@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="checkpoint directory or Hugging Face id (default: the embedded tiny demo model, "
                             "which runs offline but answers gibberish)")
     quant = model.add_mutually_exclusive_group()
-    quant.add_argument("--load-4bit", action="store_true", help="quantize the language model to 4-bit (NF4)")
+    quant.add_argument("--load-4bit", action="store_true",
+                       help="quantize the language model to 4-bit (NF4; on a CPU also faster than bf16)")
     quant.add_argument("--load-8bit", action="store_true",
                        help="quantize the language model to 8-bit (on a CPU also the fastest way to decode)")
     model.add_argument("--device", type=_device, default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
