@@ -213,11 +213,9 @@ class ModelManager:
 
     def _on_progress(self, stage: str, done: int, total: int) -> None:
         part = done / total if total else 1.0
-        if stage == "quantize":  # loading the weights is the first 60%, quantizing the rest
-            fraction, text = 0.6 + 0.4 * part, f"quantizing to {self.quantization}"
-        else:
-            fraction, text = (0.6 if self.quantization else 1.0) * part, "loading weights"
-        self._progress = LoadProgress(min(1.0, fraction), f"{text} ({done}/{total})")
+        # The runtime quantizes each layer as its weights are read: one stage, whatever the quantization.
+        text = f"loading and quantizing to {self.quantization}" if self.quantization else "loading weights"
+        self._progress = LoadProgress(min(1.0, part), f"{text} ({done}/{total})")
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the current load to end; True when the model is ready."""

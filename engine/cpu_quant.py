@@ -112,13 +112,3 @@ class NF4Linear(QuantizedLinear):
             scales = self.absmax.repeat_interleave(self.BLOCK)[:numel]
             weight = self.levels[codes] * scales
         return weight.view(self.out_features, self.in_features).to(dtype)
-
-
-def quantize_linears(modules: list[tuple[nn.Module, str, nn.Linear]], kind: type[QuantizedLinear],
-                     progress=None) -> int:
-    """Swap each (parent, name, linear) for a `kind` (Int8Linear or NF4Linear) in place; returns how many."""
-    for done, (parent, name, linear) in enumerate(modules, 1):
-        setattr(parent, name, kind(linear))
-        if progress:
-            progress("quantize", done, len(modules))
-    return len(modules)

@@ -36,6 +36,16 @@ class LoadCancelled(LoadError):
 
 
 @dataclass
+class LinearSwap:
+    """Replace some nn.Linear modules as their weights arrive (quantization), so that the full-precision copy of
+    a quantized model never exists at once: `selects(module_name)` picks them, `build(linear)` makes the
+    replacement from a loaded nn.Linear on the CPU."""
+
+    selects: Callable[[str], bool]
+    build: Callable[[torch.nn.Linear], torch.nn.Module]
+
+
+@dataclass
 class LoadedModel:
     model: DeepSeekVL
     config: VLConfig
@@ -144,16 +154,18 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
-    prepare: Callable[[DeepSeekVL], None] | None = None,
+    swap: LinearSwap | None = None,
 ) -> LoadedModel:
-    """Load a checkpoint strictly. `prepare` may swap modules (quantized linears) before weights arrive."""
+    """Load a checkpoint strictly. With `swap`, the selected linears are replaced as soon as their weights are
+    read (quantized layer by layer: peak memory is about the quantized model, not the full-precision one)."""
     directory = resolve_directory(source)
     cfg, layout = read_config(directory)
     files = weight_files(directory)
     model = build_model(cfg)
-    if prepare is not None:
-        prepare(model)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    to_swap = {name: module for name, module in model.named_modules()
+               if swap is not None and isinstance(module, torch.nn.Linear) and swap.selects(name)}
+    replaced = tuple(f"{name}." for name in to_swap)
 
     checkpoint = {key: (loader, shape) for key, loader, shape in iter_checkpoint(files)}
     try:
@@ -176,18 +188,35 @@ def load_model(
         raise LoadError(f"{len(wrong)} tensors have the wrong shape, e.g. {k}: checkpoint {entries[k][1]}, model {expected[k]}")
 
     total = len(entries)
-    state = {}
+    state, pending = {}, {}  # pending: tensors of a selected linear until all of its parameters are read
     for done, (key, (loader, _)) in enumerate(entries.items(), 1):
         if cancel is not None and cancel.is_set():
             raise LoadCancelled("model load cancelled")
         tensor = loader()
-        state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        module_name, _, param = key.rpartition(".")
+        if module_name in to_swap:
+            tensor = tensor.to(dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+            pending.setdefault(module_name, {})[param] = tensor
+            if len(pending[module_name]) == len(dict(to_swap[module_name].named_parameters())):
+                linear = to_swap.pop(module_name)  # dropped with its full-precision weights once replaced
+                linear.load_state_dict(pending.pop(module_name), strict=True, assign=True)
+                set_module(model, module_name, swap.build(linear))
+                del linear, tensor
+        else:
+            state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         if progress is not None:
             progress("weights", done, total)
-    model.load_state_dict(state, strict=True, assign=True)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or any(not key.startswith(replaced) for key in missing):  # cannot happen after the checks above
+        raise LoadError(f"internal: state dict mismatch after loading (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.to(device)  # the non-persistent buffers
     model.eval()
     return LoadedModel(model=model, config=cfg, directory=directory, layout=layout)
+
+
+def set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def save_pretrained(model: DeepSeekVL, directory: str | Path, max_shard_bytes: int = 4 << 30) -> Path:

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import re
+
 import torch
 from torch import nn
 
 from . import cpu_quant
+from .loading import LinearSwap, set_module
 
 MODES = ("8bit", "4bit")
 BACKENDS = ("auto", "bitsandbytes", "int8", "nf4")
+DECODER_LINEAR = re.compile(r"^language_model\.model\.layers\.\d+\.(self_attn|mlp)\.\w+$")
 CPU_BACKENDS = {"int8": ("8bit", cpu_quant.Int8Linear), "nf4": ("4bit", cpu_quant.NF4Linear)}
 
 
@@ -60,23 +64,36 @@ def pick_backend(mode: str, device, backend: str = "auto") -> str:
     return backend
 
 
-def quantize_language_model(model: nn.Module, mode: str, compute_dtype: torch.dtype, device,
-                            progress: Callable[[str, int, int], None] | None = None, backend: str = "auto") -> str:
-    """Replace every nn.Linear inside `model.language_model.model.layers` in place; returns the backend used."""
+def is_decoder_linear(name: str) -> bool:
+    """The linears that get quantized: q/k/v/o and gate/up/down of every decoder layer."""
+    return DECODER_LINEAR.match(name) is not None
+
+
+def linear_swap(mode: str, compute_dtype: torch.dtype, device, backend: str = "auto") -> tuple[LinearSwap, str]:
+    """What to replace and with what, for loading (layer by layer) or for a model in memory; and the backend."""
     backend = pick_backend(mode, device, backend)
-    layers = model.language_model.model.layers
-    targets = [(parent, name, child) for layer in layers for parent in layer.modules()
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     if backend != "int8":  # nf4 quantizes with bitsandbytes too
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as e:
             raise QuantizationError(f"{mode} loading with {backend} needs bitsandbytes: pip install bitsandbytes") from e
     if backend in CPU_BACKENDS:
-        cpu_quant.quantize_linears(targets, CPU_BACKENDS[backend][1], progress)
-        return backend
-    for done, (parent, name, child) in enumerate(targets, 1):
-        setattr(parent, name, _quantized_linear(child, mode, compute_dtype, device))
+        build = CPU_BACKENDS[backend][1]
+    else:
+        def build(linear: nn.Linear) -> nn.Module:
+            return _quantized_linear(linear, mode, compute_dtype, device)
+    return LinearSwap(selects=is_decoder_linear, build=build), backend
+
+
+def quantize_language_model(model: nn.Module, mode: str, compute_dtype: torch.dtype, device,
+                            progress: Callable[[str, int, int], None] | None = None, backend: str = "auto") -> str:
+    """Replace the decoder linears of a model already in memory; returns the backend used. (Runtime.load
+    quantizes while loading instead, which never holds the full-precision language model.)"""
+    swap, backend = linear_swap(mode, compute_dtype, device, backend)
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and swap.selects(name)]
+    for done, (name, linear) in enumerate(targets, 1):
+        set_module(model, name, swap.build(linear))
         if progress:
             progress("quantize", done, len(targets))
     return backend

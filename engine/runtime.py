@@ -14,7 +14,7 @@ from .loading import LoadError, Progress, load_model
 from .model.config import VLConfig
 from .model.vlm import DeepSeekVL
 from .processing import VLChatProcessor
-from .quantize import pick_backend, quantize_language_model
+from .quantize import linear_swap, pick_backend
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -126,11 +126,13 @@ class Runtime:
             hint = "" if quantization == "4bit" else " Try --load-4bit (or --load-8bit) to quantize the language model."
             raise LoadError(f"loading {directory.name} needs about {need / 2**30:.1f} GiB on {dev.type} "
                             f"but only {have / 2**30:.1f} GiB is free.{hint}")
-        # Quantized layers are built from full-precision weights on the CPU, then moved layer by layer.
-        loaded = load_model(directory, dtype=dt, device="cpu" if quantization else dev, progress=progress, cancel=cancel)
+        # Quantized layers are built on the CPU as each one's weights are read (only one layer's full-precision
+        # weights exist at a time); bitsandbytes layers move to the GPU as they are built, the rest at the end.
+        swap = linear_swap(quantization, dt, dev, backend)[0] if quantization else None
+        loaded = load_model(directory, dtype=dt, device="cpu" if quantization else dev, progress=progress,
+                            cancel=cancel, swap=swap)
         model = loaded.model
         if quantization:
-            quantize_language_model(model, quantization, dt, dev, progress=progress, backend=backend)
             model.to(dev)
         if dev.type == "cpu" and dt == torch.bfloat16 and not native_bf16():
             upcast_matmuls(model)

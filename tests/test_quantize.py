@@ -106,3 +106,29 @@ def test_a_load_that_cannot_fit_says_how_much_and_suggests_quantizing(monkeypatc
     monkeypatch.setattr(runtime, "available_bytes", lambda device: 1024)
     with pytest.raises(LoadError, match=r"needs about .* GiB .* only .* Try --load-4bit"):
         Runtime.load(DEMO_DIR)
+
+
+def test_loading_quantizes_layer_by_layer_without_a_full_precision_copy():
+    import gc
+    import weakref
+
+    from engine.cpu_quant import Int8Linear
+    from engine.loading import LinearSwap, load_model
+    from engine.quantize import is_decoder_linear
+
+    alive_at_build, seen = [], []
+
+    def build(linear):
+        gc.collect()
+        # Every full-precision weight quantized before this one has been freed already.
+        alive_at_build.append(sum(ref() is not None for ref in seen))
+        seen.append(weakref.ref(linear.weight))
+        return Int8Linear(linear)
+
+    model = load_model(DEMO_DIR, dtype=torch.bfloat16, swap=LinearSwap(is_decoder_linear, build)).model
+    gc.collect()
+    layers = model.language_model.model.layers
+    assert len(seen) == 7 * len(layers) and alive_at_build == [0] * len(seen)
+    assert all(ref() is None for ref in seen)
+    assert all(isinstance(m, Int8Linear) for layer in layers for m in (layer.self_attn.o_proj, layer.mlp.up_proj))
+    assert isinstance(model.language_model.lm_head, nn.Linear)  # not selected: loaded as usual
