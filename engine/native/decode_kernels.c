@@ -108,15 +108,17 @@ int dsvl_gemv_bf16(const uint16_t *W, const void *x, int x_bf16, void *y, int y_
 /* ------------------------------------------------------------------ int8 weights, one scale per row */
 #define QBLOCK 32
 
-/* x [K] -> int8 [K] and one scale per block of 32 (symmetric, round half to even). */
-static void quantize_blocks(const float *x, int8_t *xq, float *scales, int K) {
-    for (int b = 0; b < K / QBLOCK; b++) {
-        const float *v = x + b * QBLOCK;
+/* x [K] -> int8 [K] and one scale (amax / 127) per block (symmetric, round half to even). With `split`, each
+ * block's even elements come first and its odd ones after, to line up with NF4's high and low nibbles. */
+static void quantize_blocks(const float *x, int8_t *xq, float *scales, int K, int block, int split) {
+    for (int b = 0; b < K / block; b++) {
+        const float *v = x + b * block;
+        int8_t *out = xq + b * block;
         float amax = 0.0f;
-        for (int i = 0; i < QBLOCK; i++) amax = fmaxf(amax, fabsf(v[i]));
-        float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        scales[b] = scale;
-        for (int i = 0; i < QBLOCK; i++) xq[b * QBLOCK + i] = (int8_t)lrintf(v[i] * inv);
+        for (int i = 0; i < block; i++) amax = fmaxf(amax, fabsf(v[i]));
+        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        scales[b] = amax / 127.0f;
+        for (int i = 0; i < block; i++) out[split ? (i % 2) * (block / 2) + i / 2 : i] = (int8_t)lrintf(v[i] * inv);
     }
 }
 
@@ -145,7 +147,7 @@ int dsvl_gemv_int8(const int8_t *W, const float *scale, const void *x, int x_bf1
     float *xs = malloc((size_t)(K / QBLOCK) * sizeof(float));
     if (!xf || !xq || !xs) { free(xf); free(xq); free(xs); return -1; }
     load_vector(x, x_bf16, xf, K);
-    quantize_blocks(xf, xq, xs, K);
+    quantize_blocks(xf, xq, xs, K, QBLOCK, 0);
     int blocks = N / 4;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int b = 0; b < blocks; b++) {
@@ -310,20 +312,6 @@ void dsvl_rotary(void *x, const void *cos, const void *sin, int heads, int D, in
  * block of 64, its even and odd elements stored apart so that they line up with the high and low nibbles. */
 #define NF4BLOCK 64
 
-static void quantize_blocks_split(const float *x, int8_t *xq, float *scales, int K) {
-    for (int b = 0; b < K / NF4BLOCK; b++) {
-        const float *v = x + b * NF4BLOCK;
-        float amax = 0.0f;
-        for (int i = 0; i < NF4BLOCK; i++) amax = fmaxf(amax, fabsf(v[i]));
-        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        scales[b] = amax / (127.0f * 127.0f); /* activation step times the levels' 1/127 */
-        for (int i = 0; i < NF4BLOCK / 2; i++) {
-            xq[b * NF4BLOCK + i] = (int8_t)lrintf(v[2 * i] * inv);                 /* even: high nibbles */
-            xq[b * NF4BLOCK + NF4BLOCK / 2 + i] = (int8_t)lrintf(v[2 * i + 1] * inv); /* odd: low nibbles */
-        }
-    }
-}
-
 /* Eight int32 partial sums of one row's 64-element block against the split activation block. */
 static inline __m256i dot64_nf4(const uint8_t *packed, const int8_t *xq, __m256i lut) {
     __m256i v = _mm256_loadu_si256((const __m256i *)packed), low4 = _mm256_set1_epi8(0x0f);
@@ -341,7 +329,8 @@ int dsvl_gemv_nf4(const uint8_t *W, const float *absmax, const int8_t *levels, c
     float *xs = malloc((size_t)(K / NF4BLOCK) * sizeof(float));
     if (!xf || !xq || !xs) { free(xf); free(xq); free(xs); return -1; }
     load_vector(x, x_bf16, xf, K);
-    quantize_blocks_split(xf, xq, xs, K);
+    quantize_blocks(xf, xq, xs, K, NF4BLOCK, 1);
+    for (int b = 0; b < K / NF4BLOCK; b++) xs[b] /= 127.0f; /* times the levels' 1/127 */
     const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)levels));
     const int nb = K / NF4BLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads)
