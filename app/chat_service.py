@@ -251,9 +251,8 @@ class ModelManager:
                             f"To load a real checkpoint run: {REAL_MODEL_HINT}")
         if self._runtime is not None and self._status == "ready":
             d = self._runtime.describe()
-            quantization = d["quantization"] if d["quantization"] == "none" else f"{d['quantization']} ({d['quant_backend']})"
             info["hint"] = info["hint"] or d["advice"]
-            info.update(device=d["device"], dtype=d["dtype"], quantization=quantization,
+            info.update(device=d["device"], dtype=d["dtype"], quantization=d["quantized_as"],
                         memory_bytes=d["memory_bytes"], memory=_size(d["memory_bytes"]), context=d["context"],
                         image_size=d["image_size"])
         info["text"] = self._banner_text(info)

@@ -44,8 +44,7 @@ def load_runtime(args):
     runtime = Runtime.load(args.model, device=args.device, dtype=args.dtype, quantization=quantization,
                            quant_backend=args.quant_backend, progress=progress)
     info = runtime.describe()
-    quantized = f"{info['quantization']} ({info['quant_backend']})" if runtime.quantization else "none"
-    print(f"\r{info['model']} on {info['device']} ({info['dtype']}, quantization {quantized}, "
+    print(f"\r{info['model']} on {info['device']} ({info['dtype']}, quantization {info['quantized_as']}, "
           f"{info['memory_bytes'] / 2**20:.0f} MiB)", file=sys.stderr)
     if info["advice"]:
         print(f"note: {info['advice']}", file=sys.stderr)

@@ -157,6 +157,7 @@ class Runtime:
             "dtype": str(self.dtype).removeprefix("torch."),
             "quantization": self.quantization or "none",
             "quant_backend": self.quant_backend or "none",
+            "quantized_as": f"{self.quantization} ({self.quant_backend})" if self.quantization else "none",
             "advice": self.advice(),
             "memory_bytes": model_bytes(self.model),
             "context": self.config.max_context,

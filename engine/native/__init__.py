@@ -105,6 +105,8 @@ def kernels() -> ctypes.CDLL | None:
     """The loaded library, or None (see `status()`); built once per process."""
     if getattr(_off, "value", False):
         return None
+    if "reason" in _state:  # the hot path (hundreds of calls per token): decided already, no lock needed
+        return _state["lib"]
     with _lock:
         if "reason" not in _state:
             _state["lib"], _state["reason"] = None, ""
