@@ -83,7 +83,7 @@ def bench_ours(args, config, dtype, device) -> dict:
 
     model = fill_random(build_model(config), dtype).to(device)
     backend = None
-    if args.quantize:  # as Runtime.load does: int8 rows on the CPU, bitsandbytes on a GPU
+    if args.quantize:  # as Runtime.load does: int8 / NF4 kernels on the CPU, bitsandbytes on a GPU
         backend = quantize_language_model(model, args.quantize, dtype, device)
         model.to(device)
     if device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16():
