@@ -18,7 +18,7 @@ import re
 import torch
 from torch import nn
 
-from . import cpu_quant
+from . import cpu_quant, native
 from .loading import LinearSwap, set_module
 
 MODES = ("8bit", "4bit")
@@ -58,7 +58,10 @@ def pick_backend(mode: str, device, backend: str = "auto") -> str:
     if backend == "auto":
         if torch.device(device).type != "cpu":
             return "bitsandbytes"
-        return "int8" if mode == "8bit" else "nf4"
+        if mode == "8bit":
+            return "int8"  # without native kernels, torch._weight_int8pack_mm is still faster than bf16
+        # NF4 has no PyTorch one-row kernel: without native ones it would dequantize every matrix every token.
+        return "nf4" if native.kernels() is not None else "bitsandbytes"
     if backend in CPU_BACKENDS and CPU_BACKENDS[backend][0] != mode:
         raise QuantizationError(f"the {backend} backend does {CPU_BACKENDS[backend][0]} only, not {mode}")
     return backend

@@ -1,14 +1,15 @@
-"""4/8-bit quantization of the language model on the CPU: real bitsandbytes, and the engine's int8 kernels."""
+"""4/8-bit quantization of the language model on the CPU: real bitsandbytes, and the engine's int8/NF4 kernels."""
 
 import pytest
 import torch
 from torch import nn
 
+from engine import native
 from engine.chat import ChatSession
+from engine.cpu_quant import Int8Linear
 from engine.demo import DEMO_DIR
 from engine.generation import SamplingParams
 from engine.loading import LoadError
-from engine.cpu_quant import Int8Linear
 from engine.quantize import QuantizationError, pick_backend, quantize_language_model
 from engine.runtime import Runtime, estimate_bytes, model_bytes
 
@@ -76,6 +77,9 @@ def test_unknown_quantization_mode(full):
 def test_automatic_backend_is_the_engines_kernels_on_cpu_and_bitsandbytes_elsewhere():
     assert pick_backend("8bit", "cpu") == "int8"
     assert pick_backend("4bit", "cpu") == "nf4"
+    with native.disabled():  # no native kernels: int8 still has a PyTorch kernel, NF4 does not
+        assert pick_backend("8bit", "cpu") == "int8"
+        assert pick_backend("4bit", "cpu") == "bitsandbytes"
     assert pick_backend("8bit", "cuda") == "bitsandbytes"
     assert pick_backend("4bit", "cuda:0") == "bitsandbytes"
 
@@ -112,7 +116,6 @@ def test_loading_quantizes_layer_by_layer_without_a_full_precision_copy():
     import gc
     import weakref
 
-    from engine.cpu_quant import Int8Linear
     from engine.loading import LinearSwap, load_model
     from engine.quantize import is_decoder_linear
 
