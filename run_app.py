@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and args.auth is None:
         log.warning("the app is reachable from other machines without a login; consider --auth USER:PASS")
 
-    from app.chat_service import ChatService, ModelManager
+    from app.chat_service import ModelManager
+    from app.services import Services
     from app.store import Store
 
     try:
@@ -111,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # Loading runs in the background: the UI comes up at once and shows the progress.
     models = ModelManager(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization).start()
-    service = ChatService(store, models)
+    services = Services.build(store, models)
     from ui.app import build_ui  # imported late: gradio is heavy and --help must not need it
 
-    demo = build_ui(service, models, store)
+    demo = build_ui(services)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
                         inbrowser=not args.no_browser)
     return 0

@@ -255,14 +255,26 @@ class ModelManager:
             info.update(device=d["device"], dtype=d["dtype"], quantization=d["quantized_as"],
                         memory_bytes=d["memory_bytes"], memory=_size(d["memory_bytes"]), context=d["context"],
                         image_size=d["image_size"])
+        info["facts"] = self._facts(info)
         info["text"] = self._banner_text(info)
         return info
 
     @staticmethod
+    def _facts(info: dict) -> list[tuple[str, str]]:
+        """(label, value) pairs describing the loaded model: the banner's chips, the Model tab's table and the
+        one-line summary are all made from this list."""
+        if info["status"] != "ready":
+            return []
+        facts = [("device", info["device"]), ("dtype", info["dtype"]), ("quantization", info["quantization"]),
+                 ("memory", info["memory"]),
+                 ("context", f"{info['context']} tokens" if info.get("context") else None),
+                 ("image input", f"{info['image_size']} px" if info.get("image_size") else None)]
+        return [(label, str(value)) for label, value in facts if value]
+
+    @staticmethod
     def _banner_text(info: dict) -> str:
         if info["status"] == "ready":
-            head = (f"Model: {info['model']} · {info['device']} · {info['dtype']} · "
-                    f"quantization {info['quantization']} · {info['memory']}")
+            head = " · ".join([f"Model: {info['model']}", *(f"{k} {v}" for k, v in info["facts"])])
         elif info["status"] == "loading":
             head = f"Loading {info['model']}: {info['progress']:.0%} ({info['stage']})"
         elif info["status"] == "failed":

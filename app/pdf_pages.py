@@ -214,6 +214,41 @@ def format_page_selection(indices: Iterable[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
+def toggle_page(selection_text: str, index: int, page_count: int) -> str:
+    """The selection with page `index` (0-based) added or removed, as typed text. A selection that does not
+    parse is kept as the user typed it, with the page appended for them to fix."""
+    try:
+        chosen = parse_page_selection(selection_text, page_count) if (selection_text or "").strip() else []
+    except PdfError:
+        return f"{selection_text}, {index + 1}"
+    chosen = [i for i in chosen if i != index] if index in chosen else sorted(chosen + [index])
+    return format_page_selection(chosen)
+
+
+def page_count(source: str | os.PathLike[str] | bytes) -> int:
+    with open_pdf(source) as doc:
+        return doc.page_count
+
+
+class PdfPreview(NamedTuple):
+    page_count: int
+    thumbnails: list[tuple[Image.Image, str]]  # (thumbnail, "Page N") for the first pages
+    note: str  # how to pick pages, and whether thumbnails were cut short
+
+
+def preview(source: str | os.PathLike[str] | bytes, max_thumbnails: int = 60) -> PdfPreview:
+    """Thumbnails of the first pages of a PDF and a one-line note; PdfError for a bad file."""
+    with open_pdf(source) as doc:
+        count = doc.page_count
+        shown = min(count, max_thumbnails)
+        thumbs = [(Image.open(io.BytesIO(doc.thumbnail(i))), f"Page {i + 1}") for i in range(shown)]
+    pages = "page" if count == 1 else "pages"
+    note = f"{count} {pages}. Type pages like `1-3, 5` or click thumbnails, then **Attach pages**."
+    if shown < count:
+        note += f" (Thumbnails of the first {shown} pages shown; any page can be typed.)"
+    return PdfPreview(count, thumbs, note)
+
+
 class LimitedPages(NamedTuple):
     pages: list[int]        # the indices to use, in the caller's order
     dropped: list[int]      # indices left out, empty when everything fits

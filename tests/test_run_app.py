@@ -81,8 +81,8 @@ def test_main_builds_the_service_and_launches_the_ui(tmp_path, monkeypatch):
         def launch(self, **kwargs):
             seen["launch"] = kwargs
 
-    def build_ui(service, models, store):
-        seen["parts"] = (service, models, store)
+    def build_ui(services):
+        seen["parts"] = (services.chat, services.models, services.store)
         return FakeBlocks()
 
     monkeypatch.setitem(sys.modules, "ui.app", types.SimpleNamespace(build_ui=build_ui))

@@ -1,4 +1,5 @@
-"""How stored data looks on screen: turn Store rows and service results into values for the widgets.
+"""How the services' records look on screen: turn conversations, messages, search hits and model facts into
+values for the widgets.
 
 Only presentation lives here (labels, HTML snippets, chatbot message dicts); no decisions about the data.
 Everything that ends up in HTML is escaped here, since message text, titles and file names are user input.
@@ -10,7 +11,9 @@ import html
 from datetime import datetime, timezone
 from typing import Any
 
-# Markers the store puts around search matches: control characters that can't occur in typed text, so the
+from app.records import Conversation, ConversationSummary, Message, SearchHit
+
+# Markers the search puts around its matches: control characters that can't occur in typed text, so the
 # escaped snippet can be highlighted without mistaking a literal "[" in a message for a match.
 HIGHLIGHT = ("\x02", "\x03")
 
@@ -18,8 +21,8 @@ STREAMING_CURSOR = " ▍"
 
 
 # ---------------------------------------------------------------------- transcript
-def transcript(conversation: dict | None, streaming_id: int | None = None) -> tuple[list[dict], list[int]]:
-    """Chatbot messages for a stored conversation, and the message id behind each of them (same order).
+def transcript(conversation: Conversation | None, streaming_id: int | None = None) -> tuple[list[dict], list[int]]:
+    """Chatbot messages for a conversation, and the message id behind each of them (same order).
 
     A user turn shows its images (as thumbnails) above its text. `streaming_id` marks the answer being
     written so it gets a cursor.
@@ -27,33 +30,29 @@ def transcript(conversation: dict | None, streaming_id: int | None = None) -> tu
     if not conversation:
         return [], []
     messages, ids = [], []
-    for m in conversation["messages"]:
-        if m["role"] == "user":
-            content: list[Any] = [
-                {"path": a["path"], "alt_text": a.get("name") or "image"} for a in m["attachments"]
-            ]
-            if m["text"]:
-                content.append(m["text"])
+    for m in conversation.messages:
+        if m.is_user:
+            content: list[Any] = [{"path": a.path, "alt_text": a.name or "image"} for a in m.attachments]
+            if m.text:
+                content.append(m.text)
             if not content:
                 content = ["(empty message)"]
             messages.append({"role": "user", "content": content})
         else:
-            messages.append({"role": "assistant", "content": answer_text(m, m["id"] == streaming_id)})
-        ids.append(m["id"])
+            messages.append({"role": "assistant", "content": answer_text(m, m.id == streaming_id)})
+        ids.append(m.id)
     return messages, ids
 
 
-def answer_text(message: dict, streaming: bool = False) -> str:
+def answer_text(message: Message, streaming: bool = False) -> str:
     """The assistant bubble: the answer plus a note when it did not finish normally."""
-    text = message.get("text") or ""
-    status = message.get("status")
-    if streaming or status == "streaming":
+    text = message.text
+    if streaming or message.status == "streaming":
         return text + STREAMING_CURSOR
-    if status == "stopped":
+    if message.status == "stopped":
         return (text + "\n\n" if text else "") + "*(stopped)*"
-    if status == "failed":
-        error = message.get("error") or "unknown error"
-        return (text + "\n\n" if text else "") + f"**Generation failed:** {error}"
+    if message.status == "failed":
+        return (text + "\n\n" if text else "") + f"**Generation failed:** {message.error or 'unknown error'}"
     return text or "*(empty answer)*"
 
 
@@ -76,7 +75,7 @@ def stats_line(stats: dict | None) -> str:
 
 # ---------------------------------------------------------------------- history
 def when(timestamp: str | None, now: datetime | None = None) -> str:
-    """A short local time for a stored UTC timestamp: "14:05" today, "Nov 24" this year, else "2023-11-24"."""
+    """A short local time for a saved UTC timestamp: "14:05" today, "Nov 24" this year, else "2023-11-24"."""
     if not timestamp:
         return ""
     try:
@@ -91,23 +90,16 @@ def when(timestamp: str | None, now: datetime | None = None) -> str:
     return moment.strftime("%Y-%m-%d")
 
 
-def title_of(conversation: dict) -> str:
-    return conversation.get("title") or "Untitled conversation"
-
-
-def history_choices(conversations: list[dict]) -> list[tuple[str, str]]:
-    """(label, conversation id) pairs for the history list, in the store's newest-first order."""
+def history_choices(conversations: list[ConversationSummary]) -> list[tuple[str, str]]:
+    """(label, conversation id) pairs for the history list, in the service's newest-first order."""
     choices = []
     for c in conversations:
-        count = c.get("message_count")
-        meta = [when(c.get("updated_at"))]
-        if count is not None:
-            meta.append(f"{count} msg")
-        choices.append((f"{title_of(c)}  ·  {' · '.join(m for m in meta if m)}", c["id"]))
+        meta = [when(c.updated_at), f"{c.message_count} msg"]
+        choices.append((f"{c.display_title}  ·  {' · '.join(m for m in meta if m)}", c.id))
     return choices
 
 
-def search_results_html(query: str, hits: list[dict]) -> str:
+def search_results_html(query: str, hits: list[SearchHit]) -> str:
     """Clickable search results; each item carries its conversation id in data-conversation."""
     if not query.strip():
         return ""
@@ -115,14 +107,13 @@ def search_results_html(query: str, hits: list[dict]) -> str:
         return f'<div class="search-empty">No messages match “{html.escape(query.strip())}”.</div>'
     items = []
     for hit in hits:
-        snippet = html.escape(hit.get("snippet") or "")
+        snippet = html.escape(hit.snippet)
         snippet = snippet.replace(HIGHLIGHT[0], "<mark>").replace(HIGHLIGHT[1], "</mark>")
-        title = html.escape(hit.get("title") or "Untitled conversation")
-        role = "You" if hit.get("role") == "user" else "Assistant"
+        role = "You" if hit.role == "user" else "Assistant"
         items.append(
             f'<li class="search-hit" role="button" tabindex="0" '
-            f'data-conversation="{html.escape(hit["conversation_id"], quote=True)}">'
-            f'<div class="search-hit-title">{title}</div>'
+            f'data-conversation="{html.escape(hit.conversation_id, quote=True)}">'
+            f'<div class="search-hit-title">{html.escape(hit.display_title)}</div>'
             f'<div class="search-hit-snippet"><span class="search-hit-role">{role}:</span> {snippet}</div></li>'
         )
     noun = "match" if len(hits) == 1 else "matches"
@@ -135,10 +126,8 @@ def banner_html(info: dict) -> str:
     status = info.get("status")
     model = html.escape(str(info.get("model") or ""))
     if status == "ready":
-        facts = [("device", info.get("device")), ("dtype", info.get("dtype")),
-                 ("quantization", info.get("quantization")), ("memory", info.get("memory")),
-                 ("context", f"{info['context']} tokens" if info.get("context") else None)]
-        chips = "".join(f'<span class="chip"><b>{k}</b> {html.escape(str(v))}</span>' for k, v in facts if v)
+        chips = "".join(f'<span class="chip"><b>{html.escape(k)}</b> {html.escape(v)}</span>'
+                        for k, v in info.get("facts") or ())
         head = f'<span class="status-dot ready"></span><span class="model-name">{model}</span>{chips}'
     elif status == "loading":
         pct = max(0.0, min(1.0, float(info.get("progress") or 0.0)))
@@ -177,6 +166,25 @@ def meter_html(budget: Any, model_status: str | None = None) -> str:
             f'<span class="meter-used" style="width:{used * 100:.1f}%"></span>'
             f'<span class="meter-reserved" style="width:{reserved * 100:.1f}%"></span></div>'
             f'<div class="meter-text">{text}</div>{warning}</div>')
+
+
+def model_markdown(info: dict) -> str:
+    """The Model tab: the banner's facts as a table, the load error or hint, and a few tips."""
+    rows = [("model", info.get("model")), ("status", info.get("status")), *(info.get("facts") or ())]
+    table = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows if v)
+    parts = ["### Model", "", "| property | value |", "|---|---|", table, ""]
+    if info.get("error"):
+        parts += [f"**Load error:** {info['error']}", ""]
+    if info.get("hint"):
+        parts += [info["hint"], ""]
+    parts += ["### Tips", "",
+              "- Attach several images to one message: upload, paste (Ctrl+V) or drag and drop them onto the "
+              "input box.",
+              "- Click a message in the transcript, then **Delete turn**, to delete that turn; without a selection "
+              "the last turn goes.",
+              "- **PDF pages** renders the chosen pages at the model's input size and attaches them to your next "
+              "message."]
+    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------------- notices

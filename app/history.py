@@ -1,0 +1,73 @@
+"""The conversation history as a service: list, open, search, rename, export and import, returning records
+(app.records) instead of store rows. The UI's history sidebar reads and writes only through this; deleting
+goes through ChatService, which must first make sure no answer is being written into the conversation."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from .records import Conversation, ConversationSummary, SearchHit
+from .store import Store, StoreError
+
+MAX_IMPORT_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ExportFile:
+    name: str  # a file name made from the title, safe on every file system
+    data: bytes
+
+
+def file_name(title: str, suffix: str) -> str:
+    stem = re.sub(r"[^\w\- ]+", "", title, flags=re.UNICODE).strip().replace(" ", "-")[:60] or "conversation"
+    return f"{stem}{suffix}"
+
+
+class HistoryService:
+    def __init__(self, store: Store):
+        self.store = store
+
+    def list(self, limit: int = 200) -> list[ConversationSummary]:
+        """Most recently updated first."""
+        return [ConversationSummary.from_row(row) for row in self.store.list_conversations(limit=limit)]
+
+    def get(self, conversation_id: str | None) -> Conversation | None:
+        """The conversation, or None when there is none by that id (deleted meanwhile, in another tab)."""
+        if not conversation_id:
+            return None
+        try:
+            return Conversation.from_row(self.store.get_conversation(conversation_id))
+        except StoreError:
+            return None
+
+    def search(self, query: str, limit: int = 20, highlight: tuple[str, str] = ("[", "]")) -> list[SearchHit]:
+        if not (query or "").strip():
+            return []
+        return [SearchHit.from_row(row) for row in self.store.search(query, limit=limit, highlight=highlight)]
+
+    def rename(self, conversation_id: str, title: str | None) -> None:
+        self.store.rename_conversation(conversation_id, title)
+
+    def export_json(self, conversation_id: str) -> ExportFile:
+        conversation = self._existing(conversation_id)
+        data = json.dumps(self.store.export_conversation(conversation_id), ensure_ascii=False).encode("utf-8")
+        return ExportFile(file_name(conversation.display_title, ".json"), data)
+
+    def export_markdown(self, conversation_id: str) -> ExportFile:
+        conversation = self._existing(conversation_id)
+        data = self.store.export_markdown(conversation_id).encode("utf-8")
+        return ExportFile(file_name(conversation.display_title, ".md"), data)
+
+    def import_(self, data: bytes) -> str:
+        """A JSON export -> a new conversation's id; StoreError says what is wrong with the file."""
+        if len(data) > MAX_IMPORT_BYTES:
+            raise StoreError("That file is too large to be a conversation export.")
+        return self.store.import_conversation(data)
+
+    def _existing(self, conversation_id: str | None) -> Conversation:
+        conversation = self.get(conversation_id)
+        if conversation is None:
+            raise StoreError("Open a conversation to export it.")
+        return conversation

@@ -1,0 +1,31 @@
+"""The services one app instance runs, built once by `run_app.py` (and by tests) and handed to the UI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .chat_service import ChatError, ChatService, ModelManager
+from .history import HistoryService
+from .pdf_pages import PdfError, RenderCancelled
+from .screen_capture import CaptureError
+from .store import Store, StoreError
+
+# Errors whose message is written for the user (front ends show it as is; anything else is a bug to log).
+USER_ERRORS = (ChatError, StoreError, PdfError, CaptureError, RenderCancelled, ValueError, OSError)
+
+
+@dataclass
+class Services:
+    store: Store  # for the services below and the data directory's paths; the UI never reads it
+    models: ModelManager
+    chat: ChatService
+    history: HistoryService
+
+    @property
+    def attachments_dir(self):
+        """Where attachment files live (content-addressed, never changed): the UI serves them as static files."""
+        return self.store.attachments_dir
+
+    @classmethod
+    def build(cls, store: Store, models: ModelManager, **chat_options) -> Services:
+        return cls(store, models, ChatService(store, models, **chat_options), HistoryService(store))

@@ -1,0 +1,346 @@
+"""The Chat tab: the transcript, the input box, the transcript actions (stop, regenerate, edit, delete turn),
+the context meter, the generation settings and the attachment panels (PDF pages, screen capture).
+
+Every read and write goes through `app` services (`services.chat`, `services.history`); this module only
+shows their records and turns their errors into notices.
+"""
+
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from app.pdf_pages import format_page_selection, page_count, preview, toggle_page
+from app.records import Conversation
+from app.screen_capture import CaptureError, list_monitors
+from app.services import USER_ERRORS, Services
+from engine.generation import SamplingParams
+
+from . import views
+from .common import EMPTY_INPUT, QUIET, guard, hide, input_parts, scratch_file, show, with_files
+
+STREAM_INTERVAL_S = 0.05  # at most ~20 transcript updates a second while an answer streams
+# Pasting more than this into the input turns the text into a .txt attachment (a gradio feature); keep
+# long text as text so the service can say how long is too long.
+MAX_PLAIN_TEXT = 2_000_000
+MAX_PDF_THUMBNAILS = 60
+SETTING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed", "system_prompt")
+
+
+def ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def monitor_choices() -> tuple[list[tuple[str, int]], int, str]:
+    """Dropdown choices for the screen capture, the default, and a note when there is no display."""
+    try:
+        monitors = list_monitors()
+    except CaptureError as e:
+        return [("Monitor 1", 1)], 1, str(e)
+    return [(m.label, m.index) for m in monitors[1:]] + [(monitors[0].label, 0)], 1, ""
+
+
+class ChatTab:
+    """Builds the tab's widgets where it is created (inside a gr.Tab) and wires their events in `wire`."""
+
+    def __init__(self, services: Services, conv: gr.State):
+        self.chat, self.history, self.models = services.chat, services.history, services.models
+        self.conv = conv  # the open conversation's id; None: a new chat (created on the first send)
+        self.ids = gr.State([])  # the message id behind each chatbot message
+        self.selected = gr.State(None)  # message id picked in the transcript (target of Delete turn)
+        self.editing = gr.State(False)  # the next send replaces the last question
+        self.pdf_path = gr.State(None)
+        self._build_transcript()
+        with gr.Row(equal_height=False):
+            with gr.Column():
+                self._build_settings()
+                self._build_screen_panel()
+            with gr.Column():
+                self._build_pdf_panel()
+
+    # ------------------------------------------------------------------ layout
+    def _build_transcript(self) -> None:
+        self.chatbot = gr.Chatbot(
+            label="Conversation", elem_id="chatbot", height=520, show_label=False,
+            placeholder="Ask about an image: attach it (upload, paste or drag and drop) and type a question.",
+            feedback_options=None, buttons=["copy", "copy_all"], layout="bubble",
+        )
+        self.stats = gr.Markdown("", elem_id="gen-stats")
+        with gr.Row(visible=False, elem_id="edit-bar") as self.edit_bar:
+            gr.Markdown("✎ **Editing your last message** — send to replace it and get a new answer (its images stay).")
+            self.cancel_edit_btn = gr.Button("Cancel edit", size="sm", scale=0, elem_id="cancel-edit-btn")
+        self.notice = gr.HTML("", visible=False, elem_id="notice")
+        self.input = gr.MultimodalTextbox(
+            file_types=["image"], file_count="multiple", sources=["upload"], show_label=False,
+            placeholder="Message DeepSeek-VL… (Enter sends, Shift+Enter for a new line; paste or drop images here)",
+            max_plain_text_length=MAX_PLAIN_TEXT, elem_id="chat-input", autofocus=True, lines=1, max_lines=12,
+        )
+        with gr.Row():
+            self.stop_btn = gr.Button("■ Stop", size="sm", variant="stop", elem_id="stop-btn")
+            self.regenerate_btn = gr.Button("↻ Regenerate", size="sm", elem_id="regenerate-btn")
+            self.edit_btn = gr.Button("✎ Edit last message", size="sm", elem_id="edit-btn")
+            self.delete_turn_btn = gr.Button("✕ Delete turn", size="sm", elem_id="delete-turn-btn")
+        self.meter = gr.HTML(views.meter_html(None, self.models.status), elem_id="context-meter")
+
+    def _build_settings(self) -> None:
+        defaults = SamplingParams()
+        with gr.Accordion("Generation settings", open=False, elem_id="settings-panel"):
+            self.temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature",
+                                         info="0 = greedy (deterministic)", elem_id="temperature")
+            self.top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label="Top-p", elem_id="top-p")
+            self.top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k", info="0 = no limit",
+                                   elem_id="top-k")
+            self.max_new = gr.Slider(1, 4096, value=defaults.max_new_tokens, step=1, label="Max new tokens",
+                                     elem_id="max-new-tokens")
+            self.repetition = gr.Slider(0.8, 2.0, value=defaults.repetition_penalty, step=0.01,
+                                        label="Repetition penalty", elem_id="repetition-penalty")
+            self.seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed",
+                                  info="-1 = random (only matters when temperature > 0)", elem_id="seed")
+            self.system_prompt = gr.Textbox(
+                label="System prompt", lines=3, elem_id="system-prompt",
+                placeholder="Empty = the model's default system prompt (or the one this conversation was started with)")
+        self.settings_inputs = [self.temperature, self.top_p, self.top_k, self.max_new, self.repetition, self.seed,
+                                self.system_prompt]
+
+    def _build_screen_panel(self) -> None:
+        with gr.Accordion("Screen capture", open=False, elem_id="screen-panel"):
+            with gr.Row():
+                self.monitor = gr.Dropdown(choices=[("Monitor 1", 1)], value=1, label="Monitor", elem_id="monitor",
+                                           scale=2)
+                self.capture_btn = gr.Button("Capture screen", elem_id="capture-btn", scale=1)
+            self.screen_note = gr.Markdown("", elem_id="screen-note")
+
+    def _build_pdf_panel(self) -> None:
+        with gr.Accordion("PDF pages", open=False, elem_id="pdf-panel"):
+            self.pdf_file = gr.File(label="PDF", file_types=[".pdf"], type="filepath", elem_id="pdf-upload", height=110)
+            self.pdf_pages = gr.Gallery(label="Pages (click to add to the selection)", columns=5, height=220,
+                                        allow_preview=False, object_fit="contain", interactive=False,
+                                        elem_id="pdf-pages", visible=False)
+            with gr.Row():
+                self.pdf_selection = gr.Textbox(label="Pages to attach", placeholder="e.g. 1-3, 5",
+                                                elem_id="pdf-selection", scale=3, max_lines=1)
+                self.pdf_attach_btn = gr.Button("Attach pages", elem_id="pdf-attach-btn", scale=1, variant="primary")
+            self.pdf_info = gr.Markdown("", elem_id="pdf-info")
+
+    # ------------------------------------------------------------------ views of one conversation
+    @property
+    def open_outputs(self) -> list:
+        return [self.conv, self.chatbot, self.ids, self.selected, self.editing, self.edit_bar, self.stats, self.notice]
+
+    def open_updates(self, conversation: Conversation | None) -> dict:
+        """Everything in this tab that changes when a conversation is opened (None: a fresh new chat)."""
+        messages, message_ids = views.transcript(conversation)
+        return {self.conv: conversation.id if conversation else None, self.chatbot: messages, self.ids: message_ids,
+                self.selected: None, self.editing: False, self.edit_bar: gr.update(visible=False), self.stats: "",
+                **hide(self.notice)}
+
+    def transcript_updates(self, conversation_id: str | None, streaming_id: int | None = None) -> dict:
+        messages, message_ids = views.transcript(self.history.get(conversation_id), streaming_id)
+        return {self.chatbot: messages, self.ids: message_ids}
+
+    def refresh_meter(self, conversation_id, value, max_new_tokens):
+        text, files = input_parts(value)
+        if len(text) > self.chat.max_text_chars:  # refused on send anyway; don't tokenize megabytes per key
+            return views.notice_html(f"The message is {len(text):,} characters long; the limit is "
+                                     f"{self.chat.max_text_chars:,}.", "warning")
+        try:
+            budget = self.chat.budget(conversation_id, text, len(files), int(max_new_tokens or 1))
+        except USER_ERRORS:
+            budget = None
+        return views.meter_html(budget, self.models.status)
+
+    @property
+    def meter_inputs(self) -> list:
+        return [self.conv, self.input, self.max_new]
+
+    # ------------------------------------------------------------------ streaming answers
+    def stream(self, events, conversation_id, clear_input: bool):
+        """Drive one of the service's event streams, updating the transcript as the answer grows."""
+        messages: list[dict] = []
+        answer, last = "", 0.0
+        for event in events:
+            if event.kind == "error":
+                conversation_id = event.conversation_id or conversation_id
+                update = show(self.notice, event.text)
+                if self.history.get(conversation_id):
+                    update.update({self.conv: conversation_id, **self.transcript_updates(conversation_id)})
+                yield update
+                return
+            if event.kind == "queued":
+                yield show(self.notice, f"{ordinal(event.position)} in line: the answer starts when the model "
+                                        "is free (Stop leaves the queue).", "info")
+            elif event.kind == "started":
+                conversation_id = event.conversation_id
+                conversation = self.history.get(conversation_id)
+                messages, message_ids = views.transcript(conversation, streaming_id=event.message_id)
+                if not message_ids or message_ids[-1] != event.message_id:  # not flushed yet: add it
+                    messages.append({"role": "assistant", "content": views.STREAMING_CURSOR})
+                    message_ids.append(event.message_id)
+                update = {self.conv: conversation_id, self.chatbot: messages, self.ids: message_ids,
+                          self.selected: None, self.editing: False, self.edit_bar: gr.update(visible=False),
+                          self.stats: "", **hide(self.notice)}
+                if clear_input:
+                    update[self.input] = EMPTY_INPUT
+                last = time.monotonic()
+                yield update
+            elif event.kind == "delta":
+                answer += event.text
+                if time.monotonic() - last >= STREAM_INTERVAL_S:
+                    last = time.monotonic()
+                    messages[-1] = {"role": "assistant", "content": answer + views.STREAMING_CURSOR}
+                    yield {self.chatbot: messages}
+            elif event.kind == "done":
+                yield {**self.transcript_updates(conversation_id), self.stats: views.stats_line(event.stats)}
+
+    @property
+    def stream_outputs(self) -> list:
+        return [self.conv, self.chatbot, self.ids, self.selected, self.editing, self.edit_bar, self.stats,
+                self.notice, self.input]
+
+    @staticmethod
+    def settings_of(values: tuple) -> dict:
+        settings = dict(zip(SETTING_KEYS, values))
+        if settings["seed"] is None or settings["seed"] < 0:
+            settings.pop("seed")  # a fresh random seed for every answer
+        return settings
+
+    def submit(self, conversation_id, value, is_editing, *settings_values):
+        text, files = input_parts(value)
+        settings = self.settings_of(settings_values)
+        if is_editing and conversation_id:
+            if files:
+                yield show(self.notice, "Editing keeps the message's images; remove the new attachments, "
+                                        "or cancel the edit and send them as a new message.")
+                return
+            events = self.chat.edit_last(conversation_id, text, settings)
+        else:
+            events = self.chat.send(conversation_id, text, files, settings)
+        yield from self.stream(events, conversation_id, clear_input=True)
+
+    def regenerate(self, conversation_id, *settings_values):
+        if not conversation_id:
+            yield show(self.notice, "Nothing to regenerate yet: send a message first.", "info")
+            return
+        yield from self.stream(self.chat.regenerate(conversation_id, self.settings_of(settings_values)),
+                               conversation_id, clear_input=False)
+
+    def stop(self, conversation_id):
+        if conversation_id and self.chat.stop(conversation_id):
+            return hide(self.notice)
+        return show(self.notice, "Nothing is being generated right now.", "info")
+
+    # ------------------------------------------------------------------ transcript actions
+    def start_edit(self, conversation_id):
+        conversation = self.history.get(conversation_id)
+        question = conversation.last_question() if conversation else None
+        if question is None:
+            return show(self.notice, "There is no message to edit yet.", "info")
+        return {self.input: {"text": question.text, "files": []}, self.editing: True,
+                self.edit_bar: gr.update(visible=True), **hide(self.notice)}
+
+    def cancel_edit(self):
+        return {self.input: EMPTY_INPUT, self.editing: False, self.edit_bar: gr.update(visible=False)}
+
+    def pick_message(self, message_ids, evt: gr.SelectData):
+        index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        if not isinstance(index, int) or not 0 <= index < len(message_ids):
+            return {self.selected: None}
+        return {self.selected: message_ids[index],
+                **show(self.notice, f"Message {index + 1} selected: “Delete turn” deletes it"
+                                    " (a question goes with its answer).", "info")}
+
+    def delete_turn(self, conversation_id, message_ids, selected_id):
+        conversation = self.history.get(conversation_id)
+        last = conversation.last_turn() if conversation else None
+        if last is None:
+            return show(self.notice, "There is no turn to delete.", "info")
+        self.chat.delete_turn(conversation_id, selected_id if selected_id in message_ids else last.id)
+        return {**self.transcript_updates(conversation_id), self.selected: None, self.stats: "", **hide(self.notice)}
+
+    # ------------------------------------------------------------------ attachments: PDF pages, screen
+    def load_pdf(self, path):
+        if not path:
+            return self.clear_pdf()
+        pdf = preview(path, MAX_PDF_THUMBNAILS)
+        return {self.pdf_path: path, self.pdf_pages: gr.update(value=pdf.thumbnails, visible=True),
+                self.pdf_info: pdf.note, self.pdf_selection: "1" if pdf.page_count == 1 else "", **hide(self.notice)}
+
+    def clear_pdf(self):
+        return {self.pdf_path: None, self.pdf_pages: gr.update(value=None, visible=False), self.pdf_info: "",
+                self.pdf_selection: ""}
+
+    def toggle_page(self, path, text, evt: gr.SelectData):
+        if not path or not isinstance(evt.index, int):
+            return {}
+        return {self.pdf_selection: toggle_page(text, evt.index, page_count(path))}
+
+    def attach_pages(self, path, selection_text, value, conversation_id, max_new_tokens):
+        if not path:
+            return show(self.notice, "Upload a PDF first.", "info")
+        text, files = input_parts(value)
+        attached = self.chat.attach_pdf_pages(path, selection_text or "", conversation_id=conversation_id,
+                                              pending_text=text, pending_images=len(files),
+                                              max_new_tokens=int(max_new_tokens or 1))
+        paths = []
+        for page, image in zip(attached.pages, attached.images):
+            file = scratch_file(f"page-{page}.png")
+            image.save(file, format="PNG")
+            paths.append(str(file))
+        size = f"{attached.images[0].width}×{attached.images[0].height} px" if attached.images else ""
+        info = f"Attached page(s) {format_page_selection([p - 1 for p in attached.pages])} ({size}) to your next message."
+        update = {self.input: with_files(value, paths), self.pdf_info: info}
+        update.update(show(self.notice, attached.message, "warning") if attached.message else hide(self.notice))
+        return update
+
+    def capture(self, monitor_index, value):
+        try:
+            png = self.chat.capture_screen(int(monitor_index if monitor_index is not None else 1))
+        except CaptureError as e:
+            gr.Warning(str(e))
+            return show(self.notice, str(e), "warning")
+        file = scratch_file("screenshot.png")
+        file.write_bytes(png)
+        return {self.input: with_files(value, [str(file)]), **hide(self.notice)}
+
+    def on_load(self):
+        choices, default, note = monitor_choices()
+        return {self.monitor: gr.update(choices=choices, value=default), self.screen_note: note}
+
+    # ------------------------------------------------------------------ wiring
+    def wire(self, after_change: list[tuple]) -> None:
+        """Connect the events; `after_change` are (fn, inputs, outputs) run after anything that changes the
+        conversation list (a send, a regenerate, a deleted turn), e.g. the history sidebar's refresh."""
+        g = guard(self.notice)
+        meter = (self.refresh_meter, self.meter_inputs, [self.meter])
+
+        def then_refresh(event):
+            for fn, inputs, outputs in [*after_change, meter]:
+                event = event.then(fn, inputs, outputs, **QUIET)
+
+        sent = self.input.submit(g(self.submit), [self.conv, self.input, self.editing, *self.settings_inputs],
+                                 self.stream_outputs, show_progress="minimal")
+        then_refresh(sent)
+        then_refresh(self.regenerate_btn.click(g(self.regenerate), [self.conv, *self.settings_inputs],
+                                               self.stream_outputs, show_progress="minimal"))
+        self.stop_btn.click(g(self.stop), [self.conv], [self.notice], queue=False, **QUIET)
+        self.edit_btn.click(g(self.start_edit), [self.conv], [self.input, self.editing, self.edit_bar, self.notice],
+                            **QUIET)
+        self.cancel_edit_btn.click(self.cancel_edit, None, [self.input, self.editing, self.edit_bar], **QUIET)
+        self.chatbot.select(g(self.pick_message), [self.ids], [self.selected, self.notice], **QUIET)
+        then_refresh(self.delete_turn_btn.click(g(self.delete_turn), [self.conv, self.ids, self.selected],
+                                                [self.chatbot, self.ids, self.selected, self.stats, self.notice],
+                                                **QUIET))
+        self.input.change(*meter, trigger_mode="always_last", **QUIET)
+        self.max_new.release(*meter, **QUIET)
+
+        pdf = [self.pdf_path, self.pdf_pages, self.pdf_info, self.pdf_selection]
+        self.pdf_file.upload(g(self.load_pdf), [self.pdf_file], [*pdf, self.notice])
+        self.pdf_file.clear(self.clear_pdf, None, pdf, **QUIET)
+        self.pdf_pages.select(g(self.toggle_page), [self.pdf_path, self.pdf_selection],
+                              [self.pdf_selection, self.notice], **QUIET)
+        attach_inputs = [self.pdf_path, self.pdf_selection, self.input, self.conv, self.max_new]
+        for trigger in (self.pdf_attach_btn.click, self.pdf_selection.submit):
+            trigger(g(self.attach_pages), attach_inputs, [self.input, self.pdf_info, self.notice])
+        self.capture_btn.click(g(self.capture), [self.monitor, self.input], [self.input, self.notice])

@@ -1,0 +1,102 @@
+"""Small pieces every tab uses: showing a notice, turning errors into notices, reading the input box, and the
+scratch folder for files handed to the browser."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import inspect
+import logging
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from app.services import USER_ERRORS
+
+from . import views
+
+log = logging.getLogger(__name__)
+
+EMPTY_INPUT = {"text": "", "files": []}
+QUIET = {"show_progress": "hidden"}
+
+
+def show(component: gr.components.Component, message: str, kind: str = "error") -> dict:
+    return {component: gr.update(value=views.notice_html(message, kind), visible=True)}
+
+
+def hide(component: gr.components.Component) -> dict:
+    return {component: gr.update(value="", visible=False)}
+
+
+def guard(notice: gr.components.Component):
+    """Turn errors raised by a handler into a visible notice instead of gradio's generic error.
+
+    Handlers return (or yield) dicts of updates, so an error can update just the notice. Expected errors
+    show their own message; anything else is logged with its traceback and shown in one line.
+    """
+
+    def message(e: Exception) -> str:
+        if isinstance(e, USER_ERRORS):
+            return str(e) or type(e).__name__
+        log.exception("unexpected error in the UI")
+        return f"Unexpected error: {type(e).__name__}: {e}"
+
+    def decorate(fn):
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def gen(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - shown to the user, logged when unexpected
+                    yield show(notice, message(e))
+            return gen
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                return show(notice, message(e))
+        return call
+
+    return decorate
+
+
+def input_parts(value: Any) -> tuple[str, list[str]]:
+    """(text, file paths) of a MultimodalTextbox value."""
+    if not value:
+        return "", []
+    if isinstance(value, str):
+        return value, []
+    files = []
+    for f in value.get("files") or []:
+        path = f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None))
+        if path:
+            files.append(path)
+    return value.get("text") or "", files
+
+
+def with_files(value: Any, new_paths: list[str]) -> dict:
+    """The input box's value with more files attached."""
+    text, files = input_parts(value)
+    return {"text": text, "files": files + new_paths}
+
+
+_scratch_dir: Path | None = None
+
+
+def scratch_file(name: str) -> Path:
+    """A fresh path ending in `name` in a private temp folder for files handed to the browser (exports,
+    rendered PDF pages, screenshots); one folder per file keeps the name the user sees."""
+    global _scratch_dir
+    if _scratch_dir is None or not _scratch_dir.exists():
+        _scratch_dir = Path(tempfile.mkdtemp(prefix="dsvl-ui-"))
+        atexit.register(shutil.rmtree, _scratch_dir, True)
+    folder = _scratch_dir / uuid.uuid4().hex
+    folder.mkdir()
+    return folder / name
