@@ -1,9 +1,36 @@
+import importlib
 import os
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # The reference vectors of the official code; further case sets in the same layout can be dropped in.
 REFERENCE_DIR = Path(os.environ.get("DSVL_REFERENCE_DIR") or REPO.parent / "shared" / "reference")
+# Under CI every component a test needs must be there: a browser test that skipped is not a passed one.
+IN_CI = bool(os.environ.get("CI"))
+
+
+def pytest_configure(config):
+    if IN_CI and not (REFERENCE_DIR / "README.md").is_file():
+        raise pytest.UsageError(f"no reference vectors at {REFERENCE_DIR} (set DSVL_REFERENCE_DIR); CI needs them")
+
+
+def require(available: bool, what: str) -> None:
+    """Skip when a component is missing on a developer's machine; fail the run under CI."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} (CI must provide it; see scripts/setup.sh)", pytrace=False)
+    pytest.skip(what)
+
+
+def require_module(name: str):
+    """`pytest.importorskip`, except that under CI a missing module fails the run."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        require(False, f"cannot import {name}: {e}")
 
 
 def stop_process(process, timeout: float = 10) -> None:

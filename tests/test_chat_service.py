@@ -3,7 +3,6 @@
 import io
 import os
 import threading
-import time
 
 import pytest
 from PIL import Image
@@ -142,13 +141,11 @@ def test_stop_mid_answer_keeps_the_partial_text(service, store):
     assert first_delta.wait(60)
     conversation_id = events[0].conversation_id
     assert service.is_generating(conversation_id)
-    stopped_at = time.monotonic()
     assert service.stop(conversation_id)
     assert finished.wait(10), "generation kept running after Stop"
     thread.join()
-    assert time.monotonic() - stopped_at < 5
     done = events[-1]
-    assert done.kind == "done" and done.stats["finish"] == "cancelled"
+    assert done.kind == "done" and done.stats["finish"] == "cancelled" and done.stats["tokens"] < 100_000
     answer = store.get_conversation(conversation_id)["messages"][-1]
     assert answer["status"] == "stopped" and answer["text"] == done.text
     assert not service.is_generating(conversation_id) and not service.stop(conversation_id)

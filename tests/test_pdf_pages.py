@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 
 import pymupdf
 import pytest
@@ -227,17 +226,14 @@ def test_huge_pdf_opens_fast_and_renders_lazily(monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(pymupdf.Page, "get_pixmap", counting_get_pixmap)
-    start = time.perf_counter()
     with open_pdf(data) as doc:
         assert doc.page_count == 500
         assert calls == []  # opening renders nothing
         first = Image.open(io.BytesIO(doc.thumbnail(0))).convert("RGB")
         last = Image.open(io.BytesIO(doc.thumbnail(499))).convert("RGB")
-    elapsed = time.perf_counter() - start
-    assert calls == [0, 499]
+    assert calls == [0, 499]  # only the two pages asked for were rendered (its speed: benchmarks, not here)
     assert close_to(centre_rgb(first), BLUE)
     assert close_to(centre_rgb(last), RED)
-    assert elapsed < 3.0, f"open + 2 thumbnails took {elapsed:.2f}s"
 
 
 # -- page selection --------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 
 from app.screen_capture import CaptureError, Monitor, capture, list_monitors
 
-from conftest import stop_process
+from conftest import require, stop_process
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="X11 display handling is Linux-only")
 
@@ -61,8 +61,7 @@ def ensure_tool(binary: str, apt_package: str) -> tuple[str | None, str]:
 def xvfb(tmp_path_factory):
     """A private 800x600x24 Xvfb server; yields its display name, e.g. ":3"."""
     path, how = ensure_tool("Xvfb", "xvfb")
-    if not path:
-        pytest.skip(f"Xvfb unavailable: {how}")
+    require(bool(path), f"Xvfb unavailable: {how}")
     print(f"Xvfb: {how}")
     # -displayfd makes Xvfb pick a free display number itself and write it
     # to the pipe once it accepts connections: no port race, no sleep loop.
@@ -86,7 +85,7 @@ def xvfb(tmp_path_factory):
         process.kill()
         process.wait()
         error = log_path.read_text(errors="replace")[-500:]
-        pytest.skip(f"Xvfb did not start: {error.strip() or 'no display number reported'}")
+        require(False, f"Xvfb did not start: {error.strip() or 'no display number reported'}")
     try:
         yield f":{number}"
     finally:
@@ -118,8 +117,7 @@ def display(xvfb, monkeypatch):
 
 def set_root_colour(display_name: str, colour: str) -> None:
     path, how = ensure_tool("xsetroot", "x11-xserver-utils")
-    if not path:
-        pytest.skip(f"cannot paint the X screen: {how}")
+    require(bool(path), f"cannot paint the X screen: {how}")
     subprocess.run([path, "-display", display_name, "-solid", colour], check=True, timeout=20)
 
 

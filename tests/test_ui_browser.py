@@ -25,7 +25,7 @@ from PIL import Image
 
 from app.store import Store
 
-from conftest import stop_process
+from conftest import require, require_module, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("DSVL_CHROMIUM", "/usr/bin/chromium")
@@ -35,7 +35,7 @@ STARTUP_TIMEOUT_S = 120
 TIMEOUT_MS = 30_000
 CURSOR = "▍"
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+playwright_api = require_module("playwright.sync_api")
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -86,17 +86,17 @@ def store(server):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists() and not shutil.which(CHROMIUM):
-        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)")
+    require(Path(CHROMIUM).exists() or bool(shutil.which(CHROMIUM)),
+            f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)")
     try:
         manager = playwright_api.sync_playwright().start()
     except Exception as e:  # noqa: BLE001
-        pytest.skip(f"Playwright cannot start: {e}")
+        require(False, f"Playwright cannot start: {e}")
     try:
         browser = manager.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
     except Exception as e:  # noqa: BLE001
         manager.stop()
-        pytest.skip(f"Chromium cannot be launched: {e}")
+        require(False, f"Chromium cannot be launched: {e}")
     yield browser
     browser.close()
     manager.stop()
@@ -376,7 +376,7 @@ def test_export_json_then_import(page, store, tmp_path):
 
 
 def test_pdf_pages_attach_the_chosen_pages(page, store, tmp_path):
-    pymupdf = pytest.importorskip("pymupdf")
+    pymupdf = require_module("pymupdf")
     colors = [(1, 0, 0), (0, 0.8, 0), (0, 0, 1), (1, 0.85, 0)]  # red, green, blue, yellow
     doc = pymupdf.open()
     for color in colors:
@@ -446,7 +446,7 @@ def test_other_input_errors_are_shown(page, store, tmp_path):
     page.wait_for_selector("#notice:has-text('1,000,000 characters')")
     assert len(box.input_value()) == 1_000_000  # kept, to be shortened
     # A password-protected PDF.
-    pymupdf = pytest.importorskip("pymupdf")
+    pymupdf = require_module("pymupdf")
     doc = pymupdf.open()
     doc.new_page()
     locked = tmp_path / "locked.pdf"

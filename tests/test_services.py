@@ -1,0 +1,92 @@
+"""What the UI does, done through the app services alone (no Gradio): the Chat tab's and the history
+sidebar's calls on a real demo model and a real SQLite file, returning records."""
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from app.chat_service import ModelManager
+from app.records import Conversation, SearchHit
+from app.services import Services
+from app.store import Store, StoreError
+from engine.demo import DEMO_DIR
+
+GREEDY = {"temperature": 0.0, "max_new_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def models():
+    manager = ModelManager(DEMO_DIR).start()
+    assert manager.wait(120), manager.error
+    return manager
+
+
+@pytest.fixture
+def services(tmp_path, models):
+    with Store(tmp_path / "data") as store:
+        yield Services.build(store, models)
+
+
+def png(color) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def answer(services, conversation_id, text, images=()):
+    events = list(services.chat.send(conversation_id, text, images, GREEDY))
+    assert [e.kind for e in events][0] == "started" and events[-1].kind == "done", events[-1].text
+    return events[-1]
+
+
+def test_a_chat_as_the_ui_makes_it(services):
+    done = answer(services, None, "What is this?", [png("red")])
+    cid = done.conversation_id
+    second = answer(services, cid, "And now?")
+
+    conversation = services.history.get(cid)
+    assert isinstance(conversation, Conversation)
+    assert [m.role for m in conversation.messages] == ["user", "assistant", "user", "assistant"]
+    assert conversation.messages[1].text == done.text and conversation.messages[3].text == second.text
+    first = conversation.messages[0]
+    assert first.is_user and len(first.attachments) == 1 and (first.attachments[0].width, first.attachments[0].height) == (40, 30)
+    assert conversation.last_question().text == "And now?"
+    assert conversation.last_turn().id == conversation.messages[2].id
+    assert conversation.messages[3].settings["max_new_tokens"] == 6 and conversation.messages[3].status == "complete"
+
+    [summary] = services.history.list()
+    assert (summary.id, summary.message_count, summary.display_title) == (cid, 4, conversation.display_title)
+
+
+def test_history_actions(services):
+    cid = answer(services, None, "zebra crossing question").conversation_id
+    hits = services.history.search("zebra", highlight=("<", ">"))
+    assert hits and isinstance(hits[0], SearchHit) and hits[0].conversation_id == cid and "<zebra>" in hits[0].snippet
+    assert services.history.search("   ") == []
+
+    services.history.rename(cid, "Animals")
+    assert services.history.get(cid).display_title == "Animals"
+    services.history.rename(cid, "  ")
+    assert services.history.get(cid).title is None  # blank means untitled
+
+    exported = services.history.export_json(cid)
+    assert exported.name == "Untitled-conversation.json"
+    copy = services.history.import_(exported.data)
+    assert copy != cid
+    assert [m.text for m in services.history.get(copy).messages] == [m.text for m in services.history.get(cid).messages]
+    assert json.loads(exported.data)["messages"][0]["text"] == "zebra crossing question"
+
+    services.chat.delete_conversation(cid)
+    assert services.history.get(cid) is None
+    assert [c.id for c in services.history.list()] == [copy]
+    with pytest.raises(StoreError, match="Open a conversation"):
+        services.history.export_json(cid)
+
+
+def test_import_refuses_a_bad_file_and_keeps_history(services):
+    cid = answer(services, None, "keep me").conversation_id
+    with pytest.raises(StoreError):
+        services.history.import_(b"{not json")
+    assert [c.id for c in services.history.list()] == [cid]
