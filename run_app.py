@@ -92,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests, one line each
     if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and args.auth is None:
         log.warning("the app is reachable from other machines without a login; consider --auth USER:PASS")
 
@@ -116,9 +117,37 @@ def main(argv: list[str] | None = None) -> int:
     from ui.app import build_ui  # imported late: gradio is heavy and --help must not need it
 
     demo = build_ui(services)
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
-                        inbrowser=not args.no_browser)
+    # quiet: gradio's own banner advises `share=True in launch()`, which means nothing to a user of this app.
+    _, url, share_url = demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
+                                            auth=args.auth, inbrowser=False, quiet=True, prevent_thread_lock=True)
+    print(startup_message(url, share_url, models.model_name, args.data_dir), flush=True)
+    if not args.no_browser:
+        open_browser(url)
+    demo.block_thread()  # until Ctrl+C
     return 0
+
+
+def startup_message(url: str, share_url: str | None, model: str, data_dir: Path) -> str:
+    lines = [f"DeepSeek-VL local is running at {url}"]
+    if share_url:
+        lines.append(f"  public link:  {share_url}")
+    lines += [f"  model:        {model}; it loads in the background, the page shows the progress",
+              f"  data folder:  {data_dir} (conversations and images)",
+              "Press Ctrl+C to stop."]
+    return "\n".join(lines)
+
+
+def open_browser(url: str) -> None:
+    """Open a tab, or say why not: on Linux without a display a browser cannot open, and saying nothing
+    would leave the user waiting for one."""
+    import os
+    import webbrowser
+
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        print("No display found, so no browser was opened: open the address above in a browser.", flush=True)
+        return
+    if not webbrowser.open(url):
+        print("Could not open a browser: open the address above in one.", flush=True)
 
 
 if __name__ == "__main__":

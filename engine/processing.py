@@ -351,9 +351,11 @@ class VLChatProcessor:
     def from_pretrained(
         cls, directory: str | os.PathLike, num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS, **kwargs
     ) -> "VLChatProcessor":
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PretrainedConfig
 
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        # A blank config: the tokenizer class comes from tokenizer_config.json, and AutoTokenizer would
+        # otherwise read config.json and warn that it does not know the `multi_modality` model type.
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), config=PretrainedConfig())
         image_processor = ImageProcessor(ImageProcessorConfig.from_pretrained(directory))
         return cls(tokenizer, image_processor, num_image_tokens=num_image_tokens, **kwargs)
 

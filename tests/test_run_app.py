@@ -62,7 +62,7 @@ def test_help_needs_neither_torch_nor_gradio():
     assert "--load-4bit" in out and "LOADED False False" in out
 
 
-def test_main_builds_the_service_and_launches_the_ui(tmp_path, monkeypatch):
+def test_main_builds_the_service_and_launches_the_ui(tmp_path, monkeypatch, capsys):
     from app.store import Store
 
     # An answer left "streaming" by a killed run, last written long ago.
@@ -80,6 +80,10 @@ def test_main_builds_the_service_and_launches_the_ui(tmp_path, monkeypatch):
 
         def launch(self, **kwargs):
             seen["launch"] = kwargs
+            return None, "http://127.0.0.1:9000/", None
+
+        def block_thread(self):
+            seen["blocked"] = True
 
     def build_ui(services):
         seen["parts"] = (services.chat, services.models, services.store)
@@ -92,6 +96,9 @@ def test_main_builds_the_service_and_launches_the_ui(tmp_path, monkeypatch):
     assert service.models is models and service.store is store
     assert models.wait(60) and models.is_demo  # the demo loaded in the background
     assert seen["launch"] == {"server_name": "127.0.0.1", "server_port": 9000, "share": False, "auth": ("u", "p"),
-                              "inbrowser": False}
+                              "inbrowser": False, "quiet": True, "prevent_thread_lock": True}
+    assert seen["blocked"]
+    out = capsys.readouterr().out
+    assert "running at http://127.0.0.1:9000/" in out and str(tmp_path) in out and models.model_name in out
     assert store.get_conversation(cid)["messages"][1]["status"] == "stopped"
     store.close()
