@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app import store as store_module
-from app.store import MIGRATIONS, Store, StoreError, fts_query
+from app.store import MIGRATIONS, Store, StoreError, db as store_db, fts_query
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +111,7 @@ def test_migrations_apply_once_and_reopen_cleanly(tmp_path, monkeypatch):
         calls.append(1)
         db.execute("CREATE TABLE extra (x INTEGER)")
 
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, m999_test])
+    monkeypatch.setattr(store_db, "MIGRATIONS", [*MIGRATIONS, m999_test])
     Store(tmp_path).close()
     Store(tmp_path).close()
     assert calls == [1]
