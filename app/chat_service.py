@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import os
 import queue
 import threading
@@ -37,6 +36,7 @@ from engine.loading import LoadCancelled, LoadError
 from engine.processing import ImageError, load_image
 from engine.runtime import Runtime
 
+from .settings import GenerationSettings
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -44,72 +44,12 @@ log = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 100_000
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 REAL_MODEL_HINT = "python run_app.py --model deepseek-ai/deepseek-vl-7b-chat --load-4bit"
-SETTING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "system_prompt", "seed")
 
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image]
 
 
 class ChatError(ValueError):
     """A problem the user can fix; the message is worded to be shown as is."""
-
-
-# ====================================================================== settings
-def parse_settings(settings: dict | None) -> tuple[SamplingParams, str | None]:
-    """The UI's settings dict -> (SamplingParams, system prompt or None for the default).
-
-    Missing or None values take the engine defaults; a blank system prompt means the default one.
-    Raises ChatError naming the bad setting.
-    """
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(SETTING_KEYS))
-    if unknown:  # a typo in a key would otherwise be silently ignored
-        raise ChatError(f"Unknown setting(s): {', '.join(unknown)}. Known settings: {', '.join(SETTING_KEYS)}.")
-    values: dict[str, Any] = {}
-    for key in ("temperature", "top_p", "repetition_penalty"):
-        if settings.get(key) is not None:
-            values[key] = _number(key, settings[key])
-    for key in ("top_k", "max_new_tokens"):
-        if settings.get(key) is not None:
-            values[key] = _whole(key, settings[key])
-    if settings.get("seed") not in (None, ""):
-        seed = _whole("seed", settings["seed"])
-        if seed < 0:
-            raise ChatError("Setting seed must be a whole number ≥ 0 (or empty for a random seed).")
-        values["seed"] = seed
-    try:
-        params = SamplingParams(**values)
-    except ValueError as e:
-        raise ChatError(f"Invalid setting: {e}.") from None
-    prompt = settings.get("system_prompt")
-    if prompt is not None and not isinstance(prompt, str):
-        raise ChatError("Setting system_prompt must be text.")
-    return params, (prompt if prompt and prompt.strip() else None)
-
-
-def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool):  # bool is an int subclass: True would pass as 1.0
-        raise ChatError(f"Setting {key} must be a number, got {value!r}.")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ChatError(f"Setting {key} must be a number, got {value!r}.") from None
-    if not math.isfinite(number):
-        raise ChatError(f"Setting {key} must be a finite number, got {value!r}.")
-    return number
-
-
-def _whole(key: str, value: Any) -> int:
-    number = _number(key, value)
-    if number != int(number):  # UI number fields often hand over 512.0
-        raise ChatError(f"Setting {key} must be a whole number, got {value!r}.")
-    return int(number)
-
-
-def _settings_record(params: SamplingParams, system_prompt: str | None) -> dict:
-    """What is stored with each answer, so it can be shown and reproduced later."""
-    return {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-            "max_new_tokens": params.max_new_tokens, "repetition_penalty": params.repetition_penalty,
-            "seed": params.seed, "system_prompt": system_prompt}
 
 
 # ====================================================================== the model
@@ -353,7 +293,7 @@ class ChatService:
 
     # ------------------------------------------------------------------ streaming operations
     def send(self, conversation_id: str | None, text: str, images: Sequence[ImageInput] = (),
-             settings: dict | None = None) -> Iterator[StreamEvent]:
+             settings: GenerationSettings | dict | None = None) -> Iterator[StreamEvent]:
         """Ask a question (None: in a new conversation) and stream the answer.
 
         Everything is validated before anything is stored; the question and its images are stored before
@@ -363,7 +303,8 @@ class ChatService:
         claimed = False
         try:
             runtime = self.models.require()
-            params, system_prompt = parse_settings(settings)
+            settings = GenerationSettings.coerce(settings)
+            params, system_prompt = settings.sampling(), settings.system_prompt
             text = self._check_text(text, has_images=bool(images))
             decoded = [self._read_image(i, source) for i, source in enumerate(images or ())]
             messages, stored_prompt = [], None
@@ -406,20 +347,24 @@ class ChatService:
         finally:
             self._release(conversation_id)
 
-    def regenerate(self, conversation_id: str, settings: dict | None = None) -> Iterator[StreamEvent]:
+    def regenerate(self, conversation_id: str, settings: GenerationSettings | dict | None = None
+                   ) -> Iterator[StreamEvent]:
         """Answer the last question again, replacing its answer."""
         return self._redo(conversation_id, None, settings)
 
-    def edit_last(self, conversation_id: str, text: str, settings: dict | None = None) -> Iterator[StreamEvent]:
+    def edit_last(self, conversation_id: str, text: str, settings: GenerationSettings | dict | None = None
+                  ) -> Iterator[StreamEvent]:
         """Change the last question's text (its images stay) and answer it again."""
         return self._redo(conversation_id, text, settings)
 
-    def _redo(self, conversation_id: str, new_text: str | None, settings: dict | None) -> Iterator[StreamEvent]:
+    def _redo(self, conversation_id: str, new_text: str | None, settings: GenerationSettings | dict | None
+              ) -> Iterator[StreamEvent]:
         cancel = _StopEvent()
         claimed = False
         try:
             runtime = self.models.require()
-            params, system_prompt = parse_settings(settings)
+            settings = GenerationSettings.coerce(settings)
+            params, system_prompt = settings.sampling(), settings.system_prompt
             self._claim(conversation_id, cancel)
             claimed = True
             conversation = self._conversation(conversation_id)
@@ -463,9 +408,9 @@ class ChatService:
         thread-local, and a UI may advance this iterator from a different thread each step. The worker also does
         all the store writes, so a slow or vanished reader cannot leave the message half-written."""
         try:
+            record = GenerationSettings.from_sampling(params, system_prompt).to_dict()
             message_id = self.store.add_message(conversation_id, "assistant", "", status="streaming",
-                                                settings=_settings_record(params, system_prompt),
-                                                model=self.models.model_name)
+                                                settings=record, model=self.models.model_name)
         except (ValueError, StoreError) as e:
             yield StreamEvent("error", conversation_id, text=f"Could not save the answer: {e}")
             return

@@ -7,7 +7,8 @@ import threading
 import pytest
 from PIL import Image
 
-from app.chat_service import ChatError, ChatService, ModelManager, parse_settings
+from app.chat_service import ChatError, ChatService, ModelManager
+from app.settings import GenerationSettings
 from app.store import Store
 from engine.chat import ChatSession
 from engine.demo import DEMO_DIR, DEMO_NAME
@@ -250,15 +251,13 @@ def test_invalid_input_is_refused_and_nothing_is_stored(service, store, text, im
     assert store.list_conversations() == []
 
 
-def test_parse_settings():
-    params, prompt = parse_settings({"temperature": "0.7", "top_k": 40.0, "seed": "", "system_prompt": "  "})
-    assert params == SamplingParams(temperature=0.7, top_k=40) and prompt is None
-    params, prompt = parse_settings({"seed": 3, "system_prompt": "Be brief."})
-    assert params.seed == 3 and prompt == "Be brief."
-    with pytest.raises(ChatError, match="seed"):
-        parse_settings({"seed": -1})
-    with pytest.raises(ChatError, match="temperature"):
-        parse_settings({"temperature": True})
+def test_settings_may_be_a_generation_settings(service, store):
+    settings = GenerationSettings(max_new_tokens=4, seed=5, temperature=0.8, system_prompt="Be terse.")
+    done = ask(service, None, "Hello", settings=settings)
+    answer = store.get_conversation(done.conversation_id)["messages"][1]
+    assert answer["settings"] == settings.to_dict() and done.stats["tokens"] == 4
+    again = ask(service, done.conversation_id, "Hello again", settings=GenerationSettings.from_dict(answer["settings"]))
+    assert store.get_conversation(again.conversation_id)["messages"][3]["settings"] == settings.to_dict()
 
 
 # ---------------------------------------------------------------------- restart

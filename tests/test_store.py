@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
+import zipfile
 from pathlib import Path
 
 import pytest
+import sqlite_utils
 from PIL import Image
 
-from app import store as store_module
-from app.store import MIGRATIONS, Store, StoreError, fts_query
+from app.store import MIGRATIONS, Store, StoreError, db as store_db, fts_query
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,10 +115,69 @@ def test_migrations_apply_once_and_reopen_cleanly(tmp_path, monkeypatch):
         calls.append(1)
         db.execute("CREATE TABLE extra (x INTEGER)")
 
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, m999_test])
+    monkeypatch.setattr(store_db, "MIGRATIONS", [*MIGRATIONS, m999_test])
     Store(tmp_path).close()
     Store(tmp_path).close()
     assert calls == [1]
+
+
+def make_old_database(data_dir: Path) -> None:
+    """A history.db as the store wrote it before m003/m004: only m001 and m002
+    applied, with a conversation, an image and searchable text in it."""
+    data_dir.mkdir()
+    conn = sqlite3.connect(data_dir / "history.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+    db = sqlite_utils.Database(conn, execute_plugins=False)
+    for migration in (store_db.m001_initial, store_db.m002_fts):
+        migration(db)
+        conn.execute(
+            "INSERT INTO _migrations VALUES (?, ?)",
+            [migration.__name__, "2024-05-01T12:00:00.000000+00:00"],
+        )
+    # Shipped migrations must never change: this is the old schema.
+    assert [c.name for c in db["conversations"].columns] == [
+        "id", "title", "created_at", "updated_at", "model", "system_prompt"
+    ]
+    data = png("red")
+    sha = hashlib.sha256(data).hexdigest()
+    (data_dir / "attachments" / sha[:2]).mkdir(parents=True)
+    (data_dir / "attachments" / sha[:2] / f"{sha}.png").write_bytes(data)
+    t = "2024-05-01T12:00:00.000000+00:00"
+    conn.execute("INSERT INTO conversations VALUES ('old', 'Old chat', ?, ?, 'm', NULL)", [t, t])
+    conn.execute(
+        "INSERT INTO messages (conversation_id, position, role, text, created_at, updated_at, settings)"
+        " VALUES ('old', 0, 'user', 'an archaeopteryx picture', ?, ?, NULL),"
+        "        ('old', 1, 'assistant', 'A bird.', ?, ?, '{\"temperature\": 0.5}')",
+        [t, t, t, t],
+    )
+    conn.execute(
+        "INSERT INTO attachments VALUES (?, 'image/png', ?, 4, 3, 'red.png', ?)", [sha, len(data), t]
+    )
+    conn.execute("INSERT INTO message_attachments VALUES (1, ?, 0)", [sha])
+    conn.close()
+
+
+def test_database_from_the_old_schema_is_migrated(tmp_path):
+    data_dir = tmp_path / "old"
+    make_old_database(data_dir)
+    with Store(data_dir) as s:
+        applied = [row[0] for row in s._conn.execute("SELECT name FROM _migrations ORDER BY rowid")]
+        assert applied == [m.__name__ for m in MIGRATIONS]
+        conv = s.get_conversation("old")
+        assert conv["title"] == "Old chat" and conv["settings"] is None
+        assert [m["text"] for m in conv["messages"]] == ["an archaeopteryx picture", "A bird."]
+        assert conv["messages"][1]["settings"] == {"temperature": 0.5}
+        (image,) = conv["messages"][0]["attachments"]
+        assert Path(image["path"]).read_bytes() == png("red")
+        assert [h["message_id"] for h in s.search("archaeopteryx")] == [1]
+        assert s.list_conversations()[0]["settings"] is None
+        # The new parts work on the migrated file.
+        s.set_conversation_settings("old", {"temperature": 0.9})
+        s.set_setting("generation", {"top_k": 5})
+    with Store(data_dir) as s:
+        assert s.get_conversation("old")["settings"] == {"temperature": 0.9}
+        assert s.get_setting("generation") == {"top_k": 5}
 
 
 # -- conversations and messages --------------------------------------------
@@ -273,6 +335,61 @@ def test_threads_share_one_store(store):
     messages = store.get_conversation(cid)["messages"]
     assert len(messages) == 100
     assert sorted(m["position"] for m in messages) == list(range(100))
+
+
+def test_conversation_settings(store):
+    cid = store.create_conversation("Tuned")
+    other = store.create_conversation("Other")
+    assert store.get_conversation(cid)["settings"] is None
+    order = [c["id"] for c in store.list_conversations()]
+    store.set_conversation_settings(cid, {"temperature": 0.7, "seed": None, "system_prompt": "Be brief."})
+    assert store.get_conversation(cid)["settings"] == {
+        "temperature": 0.7, "seed": None, "system_prompt": "Be brief."
+    }
+    assert store.get_conversation(other)["settings"] is None
+    listed = {c["id"]: c["settings"] for c in store.list_conversations()}
+    assert listed == {cid: {"temperature": 0.7, "seed": None, "system_prompt": "Be brief."}, other: None}
+    assert [c["id"] for c in store.list_conversations()] == order  # not bumped to the top
+    store.set_conversation_settings(cid, None)
+    assert store.get_conversation(cid)["settings"] is None
+
+    before = store.get_conversation(cid)
+    with pytest.raises(StoreError, match="settings must be a dict"):
+        store.set_conversation_settings(cid, [1, 2])
+    with pytest.raises(StoreError, match="not JSON-serializable"):
+        store.set_conversation_settings(cid, {"x": float("nan")})
+    with pytest.raises(StoreError, match="unknown conversation"):
+        store.set_conversation_settings("nope", {"temperature": 1.0})
+    assert store.get_conversation(cid) == before
+
+
+def test_user_settings_persist_across_processes(tmp_path, store):
+    assert store.get_setting("generation") is None
+    assert store.get_setting("generation", {"temperature": 0.0}) == {"temperature": 0.0}
+    store.set_setting("generation", {"temperature": 0.3, "max_new_tokens": 256})
+    store.set_setting("generation", {"temperature": 0.4})  # replaces
+    store.set_setting("theme", "dark")
+    store.set_setting("count", 3)
+
+    proc = run_python(
+        "import sys, json\n"
+        "from app.store import Store\n"
+        "with Store(sys.argv[1]) as s:\n"
+        "    print(json.dumps([s.get_setting('generation'), s.get_setting('theme'), s.get_setting('count')]))\n"
+        "    s.set_setting('theme', None)\n",
+        str(tmp_path),
+    )
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert json.loads(out) == [{"temperature": 0.4}, "dark", 3]
+    assert store.get_setting("theme", "light") == "light"  # removed by the other process
+
+    for key in ("", "  ", None, 5):
+        with pytest.raises(StoreError, match="setting key"):
+            store.set_setting(key, 1)
+    with pytest.raises(StoreError, match="not JSON-serializable"):
+        store.set_setting("bad", {"f": object()})
+    assert store.get_setting("bad") is None
 
 
 # -- attachments ------------------------------------------------------------
@@ -550,6 +667,63 @@ def test_export_markdown(store):
     assert md.index("Compare these") < md.index("The first is red") < md.index("And this one?")
 
 
+def test_export_markdown_zip_carries_its_images(tmp_path, store):
+    cid = make_rich_conversation(store)
+    conv = store.get_conversation(cid)
+    data = store.export_markdown_zip(cid)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.testzip() is None
+        names = archive.namelist()
+        assert names[0] == "conversation.md"
+        md = archive.read("conversation.md").decode("utf-8")
+        links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+        # Three images shown (red twice), two files: each stored once.
+        assert len(links) == 3 and len(names) == 3
+        wanted = [a for m in conv["messages"] for a in m["attachments"]]
+        for link, attachment in zip(links, wanted):
+            assert not link.startswith(("/", "\\")) and ".." not in link  # relative, inside the zip
+            assert link in names
+            assert archive.read(link) == Path(attachment["path"]).read_bytes()
+        # Unpacked anywhere, the links resolve next to the .md file.
+        archive.extractall(tmp_path / "unpacked")
+    for link, attachment in zip(links, wanted):
+        unpacked = (tmp_path / "unpacked" / link).read_bytes()
+        assert unpacked == Path(attachment["path"]).read_bytes()
+    # The text is the same Markdown as export_markdown, only the links differ.
+    assert md.startswith("# Pictures\n") and "Compare these *two* images" in md and "_(stopped)_" in md
+    assert md.replace("](images/", "](") == store.export_markdown(cid)
+    assert store.export_markdown_zip(cid) == data  # same conversation, same bytes
+
+
+def test_export_markdown_zip_without_images_and_with_a_missing_file(store):
+    cid = store.create_conversation()
+    store.add_message(cid, "user", "just text")
+    with zipfile.ZipFile(io.BytesIO(store.export_markdown_zip(cid))) as archive:
+        assert archive.namelist() == ["conversation.md"]
+        assert "just text" in archive.read("conversation.md").decode()
+    sha = store.add_attachment(png("red"), "red.png")
+    store.add_message(cid, "user", "with image", attachments=[sha])
+    store.attachment_path(sha).unlink()
+    with pytest.raises(StoreError, match="attachment file missing"):
+        store.export_markdown_zip(cid)
+    with pytest.raises(StoreError, match="unknown conversation"):
+        store.export_markdown_zip("nope")
+
+
+def test_export_carries_conversation_settings(tmp_path, store):
+    cid = make_rich_conversation(store)
+    store.set_conversation_settings(cid, {"temperature": 0.6, "top_k": 12})
+    exported = store.export_conversation(cid)
+    assert exported["conversation"]["settings"] == {"temperature": 0.6, "top_k": 12}
+    with Store(tmp_path / "other") as other:
+        assert other.get_conversation(other.import_conversation(exported))["settings"] == {
+            "temperature": 0.6, "top_k": 12
+        }
+        # An export from before conversations had settings still imports.
+        del exported["conversation"]["settings"]
+        assert other.get_conversation(other.import_conversation(exported))["settings"] is None
+
+
 def corrupt_variants(good: dict):
     def variant(mutate):
         data = copy.deepcopy(good)
@@ -571,6 +745,7 @@ def corrupt_variants(good: dict):
     yield variant(lambda d: d["messages"][1].update(created_at="yesterday")), "timestamp"
     yield variant(lambda d: d["messages"][2].update(attachments=["0" * 64])), "not in the file"
     yield variant(lambda d: d["conversation"].update(title=42)), "title"
+    yield variant(lambda d: d["conversation"].update(settings="hot")), r"conversation\.settings"
     yield variant(lambda d: d.pop("conversation")), "conversation"
     yield variant(lambda d: d["attachments"][0].update(data="!!!not base64!!!")), "base64"
     yield variant(lambda d: d["attachments"][0].update(data="aGVsbG8=")), "sha256"
