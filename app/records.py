@@ -55,6 +55,7 @@ class Conversation:
     created_at: str | None
     updated_at: str | None
     messages: tuple[Message, ...]
+    settings: dict | None  # the generation settings last used in it
 
     @property
     def display_title(self) -> str:
@@ -76,7 +77,8 @@ class Conversation:
     @classmethod
     def from_row(cls, row: dict) -> Conversation:
         return cls(row["id"], row.get("title"), row.get("model"), row.get("system_prompt"), row.get("created_at"),
-                   row.get("updated_at"), tuple(Message.from_row(m) for m in row.get("messages") or ()))
+                   row.get("updated_at"), tuple(Message.from_row(m) for m in row.get("messages") or ()),
+                   row.get("settings"))
 
 
 @dataclass(frozen=True)

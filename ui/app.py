@@ -73,9 +73,10 @@ def build_ui(services: Services) -> gr.Blocks:
         model.wire(chat)
 
         def on_load(conversation_id, value, max_new_tokens):
-            return {**history.refresh(conversation_id), **model.updates(), **chat.on_load(),
+            return {**history.refresh(conversation_id), **model.updates(), **chat.on_load(conversation_id),
                     chat.meter: chat.refresh_meter(conversation_id, value, max_new_tokens)}
 
         demo.load(on_load, chat.meter_inputs, [history.list, history.rename_box, model.banner, model.details,
-                                               chat.meter, chat.monitor, chat.screen_note], **QUIET)
+                                               chat.meter, chat.monitor, chat.screen_note, *chat.settings.inputs],
+                  **QUIET)
     return demo

@@ -15,17 +15,16 @@ from app.pdf_pages import format_page_selection, page_count, preview, toggle_pag
 from app.records import Conversation
 from app.screen_capture import CaptureError, list_monitors
 from app.services import USER_ERRORS, Services
-from engine.generation import SamplingParams
 
 from . import views
 from .common import EMPTY_INPUT, QUIET, guard, hide, input_parts, scratch_file, show, with_files
+from .settings_panel import SettingsPanel
 
 STREAM_INTERVAL_S = 0.05  # at most ~20 transcript updates a second while an answer streams
 # Pasting more than this into the input turns the text into a .txt attachment (a gradio feature); keep
 # long text as text so the service can say how long is too long.
 MAX_PLAIN_TEXT = 2_000_000
 MAX_PDF_THUMBNAILS = 60
-SETTING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed", "system_prompt")
 
 
 def ordinal(n: int) -> str:
@@ -55,7 +54,8 @@ class ChatTab:
         self._build_transcript()
         with gr.Row(equal_height=False):
             with gr.Column():
-                self._build_settings()
+                self.settings = SettingsPanel()
+                self.max_new = self.settings["max_new_tokens"]  # the context meter keeps its room
                 self._build_screen_panel()
             with gr.Column():
                 self._build_pdf_panel()
@@ -84,26 +84,6 @@ class ChatTab:
             self.delete_turn_btn = gr.Button("✕ Delete turn", size="sm", elem_id="delete-turn-btn")
         self.meter = gr.HTML(views.meter_html(None, self.models.status), elem_id="context-meter")
 
-    def _build_settings(self) -> None:
-        defaults = SamplingParams()
-        with gr.Accordion("Generation settings", open=False, elem_id="settings-panel"):
-            self.temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature",
-                                         info="0 = greedy (deterministic)", elem_id="temperature")
-            self.top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label="Top-p", elem_id="top-p")
-            self.top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k", info="0 = no limit",
-                                   elem_id="top-k")
-            self.max_new = gr.Slider(1, 4096, value=defaults.max_new_tokens, step=1, label="Max new tokens",
-                                     elem_id="max-new-tokens")
-            self.repetition = gr.Slider(0.8, 2.0, value=defaults.repetition_penalty, step=0.01,
-                                        label="Repetition penalty", elem_id="repetition-penalty")
-            self.seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed",
-                                  info="-1 = random (only matters when temperature > 0)", elem_id="seed")
-            self.system_prompt = gr.Textbox(
-                label="System prompt", lines=3, elem_id="system-prompt",
-                placeholder="Empty = the model's default system prompt (or the one this conversation was started with)")
-        self.settings_inputs = [self.temperature, self.top_p, self.top_k, self.max_new, self.repetition, self.seed,
-                                self.system_prompt]
-
     def _build_screen_panel(self) -> None:
         with gr.Accordion("Screen capture", open=False, elem_id="screen-panel"):
             with gr.Row():
@@ -127,13 +107,15 @@ class ChatTab:
     # ------------------------------------------------------------------ views of one conversation
     @property
     def open_outputs(self) -> list:
-        return [self.conv, self.chatbot, self.ids, self.selected, self.editing, self.edit_bar, self.stats, self.notice]
+        return [self.conv, self.chatbot, self.ids, self.selected, self.editing, self.edit_bar, self.stats, self.notice,
+                *self.settings.inputs]
 
     def open_updates(self, conversation: Conversation | None) -> dict:
         """Everything in this tab that changes when a conversation is opened (None: a fresh new chat)."""
         messages, message_ids = views.transcript(conversation)
         return {self.conv: conversation.id if conversation else None, self.chatbot: messages, self.ids: message_ids,
                 self.selected: None, self.editing: False, self.edit_bar: gr.update(visible=False), self.stats: "",
+                **self.settings.show(self.history.settings_for(conversation.id if conversation else None)),
                 **hide(self.notice)}
 
     def transcript_updates(self, conversation_id: str | None, streaming_id: int | None = None) -> dict:
@@ -156,7 +138,7 @@ class ChatTab:
         return [self.conv, self.input, self.max_new]
 
     # ------------------------------------------------------------------ streaming answers
-    def stream(self, events, conversation_id, clear_input: bool):
+    def stream(self, events, conversation_id, settings, clear_input: bool):
         """Drive one of the service's event streams, updating the transcript as the answer grows."""
         messages: list[dict] = []
         answer, last = "", 0.0
@@ -173,6 +155,7 @@ class ChatTab:
                                         "is free (Stop leaves the queue).", "info")
             elif event.kind == "started":
                 conversation_id = event.conversation_id
+                self.history.remember_settings(conversation_id, settings)  # for the next visit and new chats
                 conversation = self.history.get(conversation_id)
                 messages, message_ids = views.transcript(conversation, streaming_id=event.message_id)
                 if not message_ids or message_ids[-1] != event.message_id:  # not flushed yet: add it
@@ -199,16 +182,9 @@ class ChatTab:
         return [self.conv, self.chatbot, self.ids, self.selected, self.editing, self.edit_bar, self.stats,
                 self.notice, self.input]
 
-    @staticmethod
-    def settings_of(values: tuple) -> dict:
-        settings = dict(zip(SETTING_KEYS, values))
-        if settings["seed"] is None or settings["seed"] < 0:
-            settings.pop("seed")  # a fresh random seed for every answer
-        return settings
-
     def submit(self, conversation_id, value, is_editing, *settings_values):
         text, files = input_parts(value)
-        settings = self.settings_of(settings_values)
+        settings = self.settings.read(settings_values)
         if is_editing and conversation_id:
             if files:
                 yield show(self.notice, "Editing keeps the message's images; remove the new attachments, "
@@ -217,14 +193,15 @@ class ChatTab:
             events = self.chat.edit_last(conversation_id, text, settings)
         else:
             events = self.chat.send(conversation_id, text, files, settings)
-        yield from self.stream(events, conversation_id, clear_input=True)
+        yield from self.stream(events, conversation_id, settings, clear_input=True)
 
     def regenerate(self, conversation_id, *settings_values):
         if not conversation_id:
             yield show(self.notice, "Nothing to regenerate yet: send a message first.", "info")
             return
-        yield from self.stream(self.chat.regenerate(conversation_id, self.settings_of(settings_values)),
-                               conversation_id, clear_input=False)
+        settings = self.settings.read(settings_values)
+        yield from self.stream(self.chat.regenerate(conversation_id, settings), conversation_id, settings,
+                               clear_input=False)
 
     def stop(self, conversation_id):
         if conversation_id and self.chat.stop(conversation_id):
@@ -304,9 +281,11 @@ class ChatTab:
         file.write_bytes(png)
         return {self.input: with_files(value, [str(file)]), **hide(self.notice)}
 
-    def on_load(self):
+    def on_load(self, conversation_id):
+        """A (re)loaded page: the monitors of this machine, and the settings the user left."""
         choices, default, note = monitor_choices()
-        return {self.monitor: gr.update(choices=choices, value=default), self.screen_note: note}
+        return {self.monitor: gr.update(choices=choices, value=default), self.screen_note: note,
+                **self.settings.show(self.history.settings_for(conversation_id))}
 
     # ------------------------------------------------------------------ wiring
     def wire(self, after_change: list[tuple]) -> None:
@@ -319,10 +298,10 @@ class ChatTab:
             for fn, inputs, outputs in [*after_change, meter]:
                 event = event.then(fn, inputs, outputs, **QUIET)
 
-        sent = self.input.submit(g(self.submit), [self.conv, self.input, self.editing, *self.settings_inputs],
+        sent = self.input.submit(g(self.submit), [self.conv, self.input, self.editing, *self.settings.inputs],
                                  self.stream_outputs, show_progress="minimal")
         then_refresh(sent)
-        then_refresh(self.regenerate_btn.click(g(self.regenerate), [self.conv, *self.settings_inputs],
+        then_refresh(self.regenerate_btn.click(g(self.regenerate), [self.conv, *self.settings.inputs],
                                                self.stream_outputs, show_progress="minimal"))
         self.stop_btn.click(g(self.stop), [self.conv], [self.notice], queue=False, **QUIET)
         self.edit_btn.click(g(self.start_edit), [self.conv], [self.input, self.editing, self.edit_bar, self.notice],
@@ -332,6 +311,7 @@ class ChatTab:
         then_refresh(self.delete_turn_btn.click(g(self.delete_turn), [self.conv, self.ids, self.selected],
                                                 [self.chatbot, self.ids, self.selected, self.stats, self.notice],
                                                 **QUIET))
+        self.settings.wire(self.history)
         self.input.change(*meter, trigger_mode="always_last", **QUIET)
         self.max_new.release(*meter, **QUIET)
 
