@@ -90,3 +90,29 @@ def test_import_refuses_a_bad_file_and_keeps_history(services):
     with pytest.raises(StoreError):
         services.history.import_(b"{not json")
     assert [c.id for c in services.history.list()] == [cid]
+
+
+def test_settings_are_kept_for_new_chats_and_per_conversation(services):
+    from app.settings import GenerationSettings
+
+    assert services.history.settings_for(None) == GenerationSettings()
+    hot = GenerationSettings(temperature=1.3, seed=7, max_new_tokens=6)
+    cid = answer(services, None, "first").conversation_id
+    services.history.remember_settings(cid, hot)
+    services.history.remember_settings(None, GenerationSettings(temperature=0.2))  # later, in a new chat
+    assert services.history.settings_for(cid) == hot  # the conversation keeps its own
+    assert services.history.settings_for(None).temperature == 0.2  # a new chat starts from the last used
+    assert services.history.settings_for("no-such-id").temperature == 0.2
+
+
+def test_markdown_export_is_a_zip_with_its_images(services):
+    import zipfile
+
+    cid = answer(services, None, "What is this?", [png("blue")]).conversation_id
+    exported = services.history.export_markdown(cid)
+    assert exported.name.endswith(".zip")
+    with zipfile.ZipFile(io.BytesIO(exported.data)) as z:
+        [md] = [n for n in z.namelist() if n.endswith(".md")]
+        [image] = [n for n in z.namelist() if not n.endswith(".md")]
+        assert f"]({image})" in z.read(md).decode()
+        assert Image.open(io.BytesIO(z.read(image))).getpixel((0, 0)) == (0, 0, 255)
