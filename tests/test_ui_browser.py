@@ -512,3 +512,36 @@ def test_edit_regenerate_delete_rename(page, store):
     page.click("#delete-yes-btn")
     page.wait_for_selector("#history-list label:has-text('Bird notes')", state="detached")
     assert conversation_id not in {c["id"] for c in store.list_conversations(limit=1000)}
+
+
+def test_laptop_screen_keeps_input_and_tools_in_view(browser, server, store):
+    """1280×800: the input box, the transcript actions and the tools are visible without scrolling; Send turns
+    into Stop while an answer streams; actions are enabled only when they can act."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        open_app(page, server["url"])
+        page.click("#new-chat-btn")
+        expect_count(page, "#chatbot [data-testid=user]", 0)
+        for selector in ("#chat-input textarea", "#actions", "#context-meter", "#settings-panel", "#pdf-panel",
+                         "#screen-panel"):
+            box = page.locator(selector).first.bounding_box()
+            assert box and box["y"] >= 0 and box["y"] + box["height"] <= 800, (selector, box)
+        assert page.evaluate("document.scrollingElement.scrollHeight") <= 800
+        disabled = "(ids) => ids.map(i => document.getElementById(i).disabled)"
+        actions = ["stop-btn", "regenerate-btn", "edit-btn", "delete-turn-btn"]
+        page.wait_for_function(f"() => ({disabled})({json.dumps(actions)}).every(d => d)")
+
+        set_max_new_tokens(page, 3000)
+        send(page, "A long story about a lapwing")
+        page.wait_for_selector("#chat-input button.stop-button")  # the send arrow became a stop square
+        assert page.evaluate(disabled, actions) == [False, True, True, True]
+        page.click("#chat-input button.stop-button")
+        assert "(stopped)" in wait_answer_finished(page)
+        page.wait_for_selector("#chat-input button.submit-button")
+        page.wait_for_function(f"() => ({disabled})({json.dumps(actions)}).join() === 'true,false,false,false'")
+        assert find_conversation(store, "lapwing")["messages"][-1]["status"] == "stopped"
+    finally:
+        set_max_new_tokens(page, 512)  # the settings are kept for the next chats of this module
+        context.close()

@@ -67,6 +67,7 @@ def build_ui(services: Services) -> gr.Blocks:
                 chat = ChatTab(services, conv)
             with gr.Tab("Model", id="model", elem_id="model-tab"):
                 model = ModelTab(services.models, banner)
+        chat.build_tools()  # the right-hand side panel
 
         chat.wire(after_change=[(history.refresh, [conv], [history.list, history.rename_box])])
         history.wire(chat)

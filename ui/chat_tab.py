@@ -52,20 +52,22 @@ class ChatTab:
         self.editing = gr.State(False)  # the next send replaces the last question
         self.pdf_path = gr.State(None)
         self._build_transcript()
-        with gr.Row(equal_height=False):
-            with gr.Column():
-                self.settings = SettingsPanel()
-                self.max_new = self.settings["max_new_tokens"]  # the context meter keeps its room
-                self._build_screen_panel()
-            with gr.Column():
-                self._build_pdf_panel()
+
+    def build_tools(self) -> None:
+        """Settings, PDF pages and screen capture: in a side panel, so on a laptop screen they stay
+        reachable beside a chat that fills the window."""
+        with gr.Sidebar(label="Tools", position="right", open=True, width=300, elem_id="tools-panel"):
+            self.settings = SettingsPanel()
+            self.max_new = self.settings["max_new_tokens"]  # the context meter keeps its room
+            self._build_pdf_panel()
+            self._build_screen_panel()
 
     # ------------------------------------------------------------------ layout
     def _build_transcript(self) -> None:
         self.chatbot = gr.Chatbot(
-            label="Conversation", elem_id="chatbot", height=520, show_label=False,
+            label="Conversation", elem_id="chatbot", height="calc(100dvh - 410px)", min_height=200,
+            show_label=False, feedback_options=None, buttons=["copy", "copy_all"], layout="bubble",
             placeholder="Ask about an image: attach it (upload, paste or drag and drop) and type a question.",
-            feedback_options=None, buttons=["copy", "copy_all"], layout="bubble",
         )
         self.stats = gr.Markdown("", elem_id="gen-stats")
         with gr.Row(visible=False, elem_id="edit-bar") as self.edit_bar:
@@ -74,14 +76,18 @@ class ChatTab:
         self.notice = gr.HTML("", visible=False, elem_id="notice")
         self.input = gr.MultimodalTextbox(
             file_types=["image"], file_count="multiple", sources=["upload"], show_label=False,
-            placeholder="Message DeepSeek-VL… (Enter sends, Shift+Enter for a new line; paste or drop images here)",
-            max_plain_text_length=MAX_PLAIN_TEXT, elem_id="chat-input", autofocus=True, lines=1, max_lines=12,
+            placeholder="Message DeepSeek-VL… (Enter sends; paste or drop images)",
+            max_plain_text_length=MAX_PLAIN_TEXT, elem_id="chat-input", autofocus=True, lines=1, max_lines=8,
         )
-        with gr.Row():
-            self.stop_btn = gr.Button("■ Stop", size="sm", variant="stop", elem_id="stop-btn")
-            self.regenerate_btn = gr.Button("↻ Regenerate", size="sm", elem_id="regenerate-btn")
-            self.edit_btn = gr.Button("✎ Edit last message", size="sm", elem_id="edit-btn")
-            self.delete_turn_btn = gr.Button("✕ Delete turn", size="sm", elem_id="delete-turn-btn")
+        with gr.Row(elem_id="actions"):
+            self.stop_btn = gr.Button("■ Stop", size="sm", variant="stop", elem_id="stop-btn", interactive=False,
+                                      min_width=70)
+            self.regenerate_btn = gr.Button("↻ Regenerate", size="sm", elem_id="regenerate-btn", interactive=False,
+                                            min_width=70)
+            self.edit_btn = gr.Button("✎ Edit last message", size="sm", elem_id="edit-btn", interactive=False,
+                                      min_width=70)
+            self.delete_turn_btn = gr.Button("✕ Delete turn", size="sm", elem_id="delete-turn-btn",
+                                             interactive=False, min_width=70)
         self.meter = gr.HTML(views.meter_html(None, self.models.status), elem_id="context-meter")
 
     def _build_screen_panel(self) -> None:
@@ -106,9 +112,23 @@ class ChatTab:
 
     # ------------------------------------------------------------------ views of one conversation
     @property
+    def action_buttons(self) -> list:
+        """The outputs of `actions`."""
+        return [self.stop_btn, self.regenerate_btn, self.edit_btn, self.delete_turn_btn, self.input]
+
+    def actions(self, has_messages: bool, streaming: bool = False) -> dict:
+        """Each transcript action enabled only when it can act: Stop while an answer streams, the others when
+        there is a turn to act on and nothing is being written."""
+        idle = has_messages and not streaming
+        return {self.stop_btn: gr.update(interactive=streaming), self.regenerate_btn: gr.update(interactive=idle),
+                self.edit_btn: gr.update(interactive=idle), self.delete_turn_btn: gr.update(interactive=idle),
+                # The input's send arrow turns into a stop square while an answer streams.
+                self.input: gr.update(submit_btn=not streaming, stop_btn=streaming)}
+
+    @property
     def open_outputs(self) -> list:
         return [self.conv, self.chatbot, self.ids, self.selected, self.editing, self.edit_bar, self.stats, self.notice,
-                *self.settings.inputs]
+                *self.settings.inputs, *self.action_buttons]
 
     def open_updates(self, conversation: Conversation | None) -> dict:
         """Everything in this tab that changes when a conversation is opened (None: a fresh new chat)."""
@@ -116,11 +136,12 @@ class ChatTab:
         return {self.conv: conversation.id if conversation else None, self.chatbot: messages, self.ids: message_ids,
                 self.selected: None, self.editing: False, self.edit_bar: gr.update(visible=False), self.stats: "",
                 **self.settings.show(self.history.settings_for(conversation.id if conversation else None)),
-                **hide(self.notice)}
+                **self.actions(bool(message_ids)), **hide(self.notice)}
 
-    def transcript_updates(self, conversation_id: str | None, streaming_id: int | None = None) -> dict:
-        messages, message_ids = views.transcript(self.history.get(conversation_id), streaming_id)
-        return {self.chatbot: messages, self.ids: message_ids}
+    def transcript_updates(self, conversation_id: str | None) -> dict:
+        """The transcript as saved, with the actions that fit it."""
+        messages, message_ids = views.transcript(self.history.get(conversation_id))
+        return {self.chatbot: messages, self.ids: message_ids, **self.actions(bool(message_ids))}
 
     def refresh_meter(self, conversation_id, value, max_new_tokens):
         text, files = input_parts(value)
@@ -163,9 +184,9 @@ class ChatTab:
                     message_ids.append(event.message_id)
                 update = {self.conv: conversation_id, self.chatbot: messages, self.ids: message_ids,
                           self.selected: None, self.editing: False, self.edit_bar: gr.update(visible=False),
-                          self.stats: "", **hide(self.notice)}
+                          self.stats: "", **self.actions(True, streaming=True), **hide(self.notice)}
                 if clear_input:
-                    update[self.input] = EMPTY_INPUT
+                    update[self.input] = gr.update(value=EMPTY_INPUT, submit_btn=False, stop_btn=True)
                 last = time.monotonic()
                 yield update
             elif event.kind == "delta":
@@ -180,7 +201,7 @@ class ChatTab:
     @property
     def stream_outputs(self) -> list:
         return [self.conv, self.chatbot, self.ids, self.selected, self.editing, self.edit_bar, self.stats,
-                self.notice, self.input]
+                self.notice, *self.action_buttons]
 
     def submit(self, conversation_id, value, is_editing, *settings_values):
         text, files = input_parts(value)
@@ -303,14 +324,15 @@ class ChatTab:
         then_refresh(sent)
         then_refresh(self.regenerate_btn.click(g(self.regenerate), [self.conv, *self.settings.inputs],
                                                self.stream_outputs, show_progress="minimal"))
-        self.stop_btn.click(g(self.stop), [self.conv], [self.notice], queue=False, **QUIET)
+        for trigger in (self.stop_btn.click, self.input.stop):
+            trigger(g(self.stop), [self.conv], [self.notice], queue=False, **QUIET)
         self.edit_btn.click(g(self.start_edit), [self.conv], [self.input, self.editing, self.edit_bar, self.notice],
                             **QUIET)
         self.cancel_edit_btn.click(self.cancel_edit, None, [self.input, self.editing, self.edit_bar], **QUIET)
         self.chatbot.select(g(self.pick_message), [self.ids], [self.selected, self.notice], **QUIET)
         then_refresh(self.delete_turn_btn.click(g(self.delete_turn), [self.conv, self.ids, self.selected],
-                                                [self.chatbot, self.ids, self.selected, self.stats, self.notice],
-                                                **QUIET))
+                                                [self.chatbot, self.ids, self.selected, self.stats, self.notice,
+                                                 *self.action_buttons], **QUIET))
         self.settings.wire(self.history)
         self.input.change(*meter, trigger_mode="always_last", **QUIET)
         self.max_new.release(*meter, **QUIET)

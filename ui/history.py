@@ -26,7 +26,7 @@ class HistoryPanel:
     def __init__(self, services: Services, conv: gr.State):
         self.history, self.chat = services.history, services.chat
         self.conv = conv
-        with gr.Sidebar(label="History", open=True, width=330, elem_id="history-sidebar"):
+        with gr.Sidebar(label="History", open=True, width=290, elem_id="history-sidebar"):
             self.new_chat_btn = gr.Button("+ New chat", variant="primary", elem_id="new-chat-btn")
             self.search_box = gr.Textbox(placeholder="Search all messages…", show_label=False, container=False,
                                          elem_id="history-search", max_lines=1)

@@ -24,9 +24,17 @@ CSS = """
   background: var(--background-fill-primary); border: 1px solid var(--border-color-primary); }
 #model-banner .chip b { font-weight: 600; opacity: 0.7; margin-right: 2px; }
 #model-banner .muted, #context-meter .muted { opacity: 0.65; }
-#model-banner .banner-hint { margin-top: 4px; font-size: 0.85em; opacity: 0.8; }
+#model-banner .banner-hint { margin-top: 2px; font-size: 0.85em; opacity: 0.8; white-space: nowrap; overflow: hidden;
+  text-overflow: ellipsis; }
+#model-banner .banner-head { flex-wrap: nowrap; overflow: hidden; white-space: nowrap; }
+#model-banner .banner { padding: 4px 10px; }
+#context-meter .meter-text { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+/* Laptop screens: the chat fills the window height (see chat_tab), so trim gradio's outer margins. */
+.gradio-container .main { padding-top: 6px; }
+#tabs > .tab-wrapper { margin-bottom: 4px; }
 #model-banner .load-error { color: var(--error-text-color, #b91c1c); }
-#model-banner .status-dot { width: 10px; height: 10px; border-radius: 50%; background: #9ca3af; display: inline-block; }
+#model-banner .status-dot { width: 10px; height: 10px; border-radius: 50%; background: #9ca3af; display: inline-block;
+  flex-shrink: 0; }
 #model-banner .status-dot.ready { background: #16a34a; }
 #model-banner .status-dot.loading { background: #f59e0b; animation: dsvl-pulse 1s infinite alternate; }
 #model-banner .status-dot.failed { background: #dc2626; }

@@ -143,7 +143,9 @@ def banner_html(info: dict) -> str:
     else:
         head = f'<span class="status-dot"></span><span class="model-name">{model}</span> not loaded'
     hint = info.get("hint")
-    hint_html = f'<div class="banner-hint">{html.escape(hint)}</div>' if hint else ""
+    # One line on small screens (the whole hint on hover and in the Model tab).
+    hint_html = f'<div class="banner-hint" title="{html.escape(hint, quote=True)}">{html.escape(hint)}</div>' \
+        if hint else ""
     return f'<div class="banner banner-{html.escape(str(status))}"><div class="banner-head">{head}</div>{hint_html}</div>'
 
 
