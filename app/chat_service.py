@@ -575,6 +575,10 @@ class ChatService:
                             "Shorten it, or attach long documents as PDF pages.")
         return text
 
+    def check_image(self, source: ImageInput, index: int = 0) -> None:
+        """Raise ChatError saying why this image cannot be sent (checked when it is attached, not only at send)."""
+        self._read_image(index, source)
+
     @staticmethod
     def _read_image(index: int, source: ImageInput) -> tuple[Image.Image, bytes, str | None]:
         """(decoded RGB image, bytes to store, file name); ChatError naming the image when it is unusable."""

@@ -225,11 +225,6 @@ def toggle_page(selection_text: str, index: int, page_count: int) -> str:
     return format_page_selection(chosen)
 
 
-def page_count(source: str | os.PathLike[str] | bytes) -> int:
-    with open_pdf(source) as doc:
-        return doc.page_count
-
-
 class PdfPreview(NamedTuple):
     page_count: int
     thumbnails: list[tuple[Image.Image, str]]  # (thumbnail, "Page N") for the first pages

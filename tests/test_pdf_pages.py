@@ -360,3 +360,22 @@ def test_concurrent_thumbnails_and_renders(four_pages):
         for thread in threads:
             thread.join()
     assert errors == []
+
+
+def test_toggle_page_adds_and_removes_and_keeps_a_bad_selection():
+    from app.pdf_pages import toggle_page
+
+    assert toggle_page("", 2, 5) == "3"
+    assert toggle_page("1-3", 1, 5) == "1, 3"
+    assert toggle_page("1, 3", 1, 5) == "1-3"
+    assert toggle_page("1-x", 4, 5) == "1-x, 5"  # the user's text stays, to fix by hand
+
+
+def test_preview_gives_thumbnails_and_a_note():
+    from app.pdf_pages import preview
+
+    pdf = preview(build_pdf([(*A4, RED)] * 7), max_thumbnails=3)
+    assert pdf.page_count == 7 and [label for _, label in pdf.thumbnails] == ["Page 1", "Page 2", "Page 3"]
+    assert "7 pages" in pdf.note and "first 3 pages" in pdf.note
+    with pytest.raises(PdfError):
+        preview(b"%PDF-1.4 not really")

@@ -390,7 +390,13 @@ def test_pdf_pages_attach_the_chosen_pages(page, store, tmp_path):
     upload_pdf(page, pdf)
     expect_count(page, "#pdf-pages img", 4)
     page.wait_for_selector("#pdf-info:has-text('4 pages')")
+    page.locator("#pdf-pages img").nth(2).click()  # a click adds page 3; typing replaces the selection
+    page.wait_for_function("() => document.querySelector('#pdf-pages').innerText.includes('✓ Page 3')")
     page.fill("#pdf-selection textarea, #pdf-selection input", "2,4")
+    page.wait_for_function("""() => {
+        const text = document.querySelector('#pdf-pages').innerText;
+        return text.includes('✓ Page 2') && text.includes('✓ Page 4') && !text.includes('✓ Page 3');
+    }""")
     page.click("#pdf-attach-btn")
     page.wait_for_selector("#pdf-info:has-text('Attached page(s) 2, 4')")
     expect_count(page, "#chat-input .thumbnail-item", 2)
@@ -413,21 +419,22 @@ def test_pdf_pages_attach_the_chosen_pages(page, store, tmp_path):
     page.wait_for_selector("#notice:has-text('the PDF has 4 pages')")
 
 
-def test_bad_image_shows_an_error_and_stores_nothing(page, store, tmp_path):
+def test_bad_image_is_refused_when_attached(page, store, tmp_path):
     fake = tmp_path / "notes.png"
     fake.write_text("just some text, not a picture")
     conversations = len(store.list_conversations(limit=1000))
-    attach(page, [fake])
-    send(page, "Describe this ibisword image")
+    page.locator("#chat-input textarea").fill("Describe this ibisword image")
+    page.set_input_files("#chat-input input[type=file]", [str(make_png(tmp_path / "good.png", (0, 90, 0))), str(fake)])
     notice = page.locator("#notice")
     notice.wait_for(state="visible")
     text = notice.inner_text()
-    assert "notes.png" in text and "image" in text.lower()
+    assert "notes.png" in text and "image" in text.lower() and "removed" in text
     assert "Traceback" not in text
-    # Nothing was stored, and the message stays in the box to fix and resend.
+    # The bad file left the box at once; the good one and the typed text stay, and nothing was stored.
+    expect_count(page, "#chat-input .thumbnail-item", 1)
+    assert page.locator("#chat-input textarea").input_value() == "Describe this ibisword image"
     assert len(store.list_conversations(limit=1000)) == conversations
     assert store.search("ibisword") == []
-    assert page.locator("#chat-input textarea").input_value() == "Describe this ibisword image"
     assert page.locator("#chatbot [data-testid=user]").count() == 0
 
 
@@ -455,6 +462,11 @@ def test_other_input_errors_are_shown(page, store, tmp_path):
     upload_pdf(page, locked)
     page.wait_for_selector("#notice:has-text('password-protected')")
     assert "Traceback" not in page.locator("#notice").inner_text()
+    assert str(tmp_path) not in page.locator("#notice").inner_text()  # no server paths in messages
+    # The refused file is gone from the panel, so the panel and the notice agree.
+    page.wait_for_function("() => !document.querySelector('#pdf-upload').innerText.includes('locked.pdf')")
+    page.click("#pdf-attach-btn")
+    page.wait_for_selector("#notice:has-text('Upload a PDF first')")
     assert len(store.list_conversations(limit=1000)) == conversations
 
 

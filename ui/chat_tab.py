@@ -11,7 +11,7 @@ import time
 
 import gradio as gr
 
-from app.pdf_pages import format_page_selection, page_count, preview, toggle_page
+from app.pdf_pages import PdfError, format_page_selection, parse_page_selection, preview, toggle_page
 from app.records import Conversation
 from app.screen_capture import CaptureError, list_monitors
 from app.services import USER_ERRORS, Services
@@ -50,7 +50,8 @@ class ChatTab:
         self.ids = gr.State([])  # the message id behind each chatbot message
         self.selected = gr.State(None)  # message id picked in the transcript (target of Delete turn)
         self.editing = gr.State(False)  # the next send replaces the last question
-        self.pdf_path = gr.State(None)
+        self.pdf_path = gr.State(None)  # the uploaded PDF: {"path", "count", "thumbs"}
+        self.checked = gr.State([])  # attached files already checked (checking decodes the whole image)
         self._build_transcript()
 
     def build_tools(self) -> None:
@@ -258,27 +259,68 @@ class ChatTab:
         return {**self.transcript_updates(conversation_id), self.selected: None, self.stats: "", **hide(self.notice)}
 
     # ------------------------------------------------------------------ attachments: PDF pages, screen
+    def check_attachments(self, value, checked):
+        """Refuse a bad image as soon as it is attached: drop it from the box and say why."""
+        text, files = input_parts(value)
+        problems, kept = [], []
+        for index, path in enumerate(files):
+            if path not in checked:
+                try:
+                    self.chat.check_image(path, index)
+                except USER_ERRORS as e:
+                    problems.append(f"{e} It was removed from your message.")
+                    continue
+            kept.append(path)
+        if not problems:
+            return {self.checked: kept}
+        return {self.input: {"text": text, "files": kept}, self.checked: kept,
+                **show(self.notice, " ".join(problems))}
+
     def load_pdf(self, path):
+        """Show the pages of an uploaded PDF; a bad file is refused at once and leaves the panel empty."""
         if not path:
             return self.clear_pdf()
-        pdf = preview(path, MAX_PDF_THUMBNAILS)
-        return {self.pdf_path: path, self.pdf_pages: gr.update(value=pdf.thumbnails, visible=True),
-                self.pdf_info: pdf.note, self.pdf_selection: "1" if pdf.page_count == 1 else "", **hide(self.notice)}
+        try:
+            pdf = preview(path, MAX_PDF_THUMBNAILS)
+        except USER_ERRORS as e:
+            return {**self.clear_pdf(), self.pdf_file: None, **show(self.notice, f"{e}")}
+        thumbs = []
+        for index, (image, _) in enumerate(pdf.thumbnails):
+            thumbs.append(str(scratch_file(f"page-{index + 1}.png")))
+            image.save(thumbs[-1], format="PNG")
+        state = {"path": path, "count": pdf.page_count, "thumbs": thumbs}
+        selection = "1" if pdf.page_count == 1 else ""
+        return {self.pdf_path: state, self.pdf_pages: gr.update(value=self.pages(state, selection), visible=True),
+                self.pdf_info: pdf.note, self.pdf_selection: selection, **hide(self.notice)}
+
+    @staticmethod
+    def pages(state: dict | None, selection: str) -> list[tuple[str, str]]:
+        """The gallery: every selected page marked with a tick."""
+        if not state:
+            return []
+        try:
+            chosen = set(parse_page_selection(selection, state["count"])) if (selection or "").strip() else set()
+        except PdfError:
+            chosen = set()
+        return [(thumb, f"✓ Page {i + 1}" if i in chosen else f"Page {i + 1}") for i, thumb in enumerate(state["thumbs"])]
 
     def clear_pdf(self):
         return {self.pdf_path: None, self.pdf_pages: gr.update(value=None, visible=False), self.pdf_info: "",
                 self.pdf_selection: ""}
 
-    def toggle_page(self, path, text, evt: gr.SelectData):
-        if not path or not isinstance(evt.index, int):
+    def toggle_page(self, state, text, evt: gr.SelectData):
+        if not state or not isinstance(evt.index, int):
             return {}
-        return {self.pdf_selection: toggle_page(text, evt.index, page_count(path))}
+        return {self.pdf_selection: toggle_page(text, evt.index, state["count"])}
 
-    def attach_pages(self, path, selection_text, value, conversation_id, max_new_tokens):
-        if not path:
+    def mark_pages(self, state, text):
+        return {self.pdf_pages: self.pages(state, text)} if state else {}
+
+    def attach_pages(self, state, selection_text, value, conversation_id, max_new_tokens):
+        if not state:
             return show(self.notice, "Upload a PDF first.", "info")
         text, files = input_parts(value)
-        attached = self.chat.attach_pdf_pages(path, selection_text or "", conversation_id=conversation_id,
+        attached = self.chat.attach_pdf_pages(state["path"], selection_text or "", conversation_id=conversation_id,
                                               pending_text=text, pending_images=len(files),
                                               max_new_tokens=int(max_new_tokens or 1))
         paths = []
@@ -334,14 +376,18 @@ class ChatTab:
                                                 [self.chatbot, self.ids, self.selected, self.stats, self.notice,
                                                  *self.action_buttons], **QUIET))
         self.settings.wire(self.history)
-        self.input.change(*meter, trigger_mode="always_last", **QUIET)
+        self.input.change(g(self.check_attachments), [self.input, self.checked], [self.input, self.checked, self.notice],
+                          trigger_mode="always_last", **QUIET).then(*meter, **QUIET)
         self.max_new.release(*meter, **QUIET)
 
         pdf = [self.pdf_path, self.pdf_pages, self.pdf_info, self.pdf_selection]
-        self.pdf_file.upload(g(self.load_pdf), [self.pdf_file], [*pdf, self.notice])
+        self.pdf_file.upload(g(self.load_pdf), [self.pdf_file], [*pdf, self.pdf_file, self.notice])
         self.pdf_file.clear(self.clear_pdf, None, pdf, **QUIET)
         self.pdf_pages.select(g(self.toggle_page), [self.pdf_path, self.pdf_selection],
                               [self.pdf_selection, self.notice], **QUIET)
+        # Typed or clicked, every selected page gets its tick.
+        self.pdf_selection.change(g(self.mark_pages), [self.pdf_path, self.pdf_selection],
+                                  [self.pdf_pages, self.notice], trigger_mode="always_last", **QUIET)
         attach_inputs = [self.pdf_path, self.pdf_selection, self.input, self.conv, self.max_new]
         for trigger in (self.pdf_attach_btn.click, self.pdf_selection.submit):
             trigger(g(self.attach_pages), attach_inputs, [self.input, self.pdf_info, self.notice])
