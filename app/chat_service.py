@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, Union
 
 from PIL import Image
 
-from engine.chat import ASSISTANT, MIN_ANSWER_ROOM, USER, ChatSession, Turn
+from engine.chat import ASSISTANT, MIN_ANSWER_ROOM, USER, ChatSession, Turn, overflow_message
 from engine.demo import DEMO_DIR, DEMO_NAME
 from engine.generation import SamplingParams
 from engine.loading import LoadCancelled, LoadError
@@ -524,9 +524,9 @@ class ChatService:
         if b.used + must_keep > b.limit:
             if self.overflow == "drop_oldest" and len(turns) > 1:
                 warning = "The conversation is longer than the model's context: the oldest turns will be left out."
-            else:
-                warning = (f"This message does not fit: the conversation would need {b.used + must_keep} tokens "
-                           f"but the model's context window is {b.limit}. Remove some images or start a new chat.")
+            else:  # the very refusal send() would give
+                warning = overflow_message(b.used + must_keep, b.limit, must_keep, sum(len(t.images) for t in turns),
+                                           b.image_tokens, earlier_turns=len(turns) > 1)
         elif b.used + max_new_tokens > b.limit:
             warning = (f"The context window is nearly full: the answer will be cut to about {b.limit - b.used} "
                        "tokens.")

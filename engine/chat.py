@@ -32,6 +32,23 @@ class ContextOverflow(ValueError):
     """The conversation does not fit the model's context window."""
 
 
+def overflow_message(need: int, limit: int, reserve: int, images: int, image_tokens: int, earlier_turns: bool) -> str:
+    """The one wording for a message that does not fit, with advice that fits the case: images only when
+    there are some, a new chat only when there is history, shorter text when text takes much of the room."""
+    text_tokens = need - reserve - images * image_tokens
+    advice = []
+    if images:
+        advice.append("remove some images")
+    if text_tokens > limit // 4 or not images:
+        advice.append("shorten the text")
+    if earlier_turns:
+        advice.append("start a new chat")
+    parts = f"{images} image(s) × {image_tokens} tokens, " if images else ""
+    return (f"This message does not fit: the conversation would need {need:,} tokens ({parts}at least {reserve} kept "
+            f"for the answer) but the model's context window is {limit} tokens. To send it, "
+            f"{', '.join(advice[:-1]) + ' or ' if len(advice) > 1 else ''}{advice[-1]}.")
+
+
 @dataclass
 class Turn:
     role: str  # USER or ASSISTANT
@@ -181,12 +198,8 @@ class ChatSession:
                 need = needed(kept)
             if need <= self.context_limit:
                 return kept
-        n_img = sum(len(t.images) for t in turns)
-        raise ContextOverflow(
-            f"this conversation needs {need} tokens ({n_img} image(s) × {self.processor.num_image_tokens} tokens, "
-            f"plus {reserve} reserved for the answer) but the model's context window is {self.context_limit}. "
-            "Remove some images, lower max new tokens, or start a new chat."
-        )
+        raise ContextOverflow(overflow_message(need, self.context_limit, reserve, sum(len(t.images) for t in turns),
+                                               self.processor.num_image_tokens, earlier_turns=len(turns) > 1))
 
     def _last_user_index(self) -> int:
         for i in range(len(self.turns) - 1, -1, -1):

@@ -161,8 +161,9 @@ def meter_html(budget: Any, model_status: str | None = None) -> str:
     level = "over" if budget.warning and budget.left <= 0 else "warn" if budget.warning else "ok"
     slots = "image slot" if budget.images_left == 1 else "image slots"
     text = (f"{budget.left:,} tokens left · {budget.images_left} {slots} left "
-            f"<span class='muted'>(used {budget.used:,} of {budget.limit:,}, "
-            f"{budget.reserved:,} kept for the answer, {budget.image_tokens} tokens per image)</span>")
+            f"<span class='muted'>(used {budget.used:,} of {budget.limit:,}; answers up to "
+            f"{min(budget.reserved, max(0, budget.limit - budget.used)):,} tokens; "
+            f"{budget.image_tokens} tokens per image)</span>")
     warning = f'<div class="meter-warning">⚠ {html.escape(budget.warning)}</div>' if budget.warning else ""
     return (f'<div class="meter meter-{level}"><div class="meter-bar">'
             f'<span class="meter-used" style="width:{used * 100:.1f}%"></span>'
