@@ -31,6 +31,12 @@ def _device(text: str) -> str:
     return text
 
 
+def _parallel(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}")
+    return int(text)
+
+
 def _auth(text: str) -> tuple[str, str]:
     # Split at the first colon only: a password may contain colons, a user name may not.
     user, sep, password = text.partition(":")
@@ -67,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", type=_device, default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     model.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                        help="weights dtype (default auto: bf16/fp16 on GPU, fp32 on CPU, bf16 on CPU when quantized)")
+    model.add_argument("--parallel", type=_parallel, default=1, metavar="N",
+                       help="answers generated at once (default 1: on a CPU two at once only slow each other "
+                            "down, so the others wait in line; a GPU with memory to spare can take more)")
     server = p.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
@@ -97,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("the app is reachable from other machines without a login; consider --auth USER:PASS")
 
     from app.chat_service import ModelManager
+    from app.scheduler import Scheduler
     from app.services import Services
     from app.store import Store
 
@@ -113,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Loading runs in the background: the UI comes up at once and shows the progress.
     models = ModelManager(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization).start()
-    services = Services.build(store, models)
+    services = Services.build(store, models, scheduler=Scheduler(args.parallel))
     from ui.app import build_ui  # imported late: gradio is heavy and --help must not need it
 
     demo = build_ui(services)

@@ -7,6 +7,9 @@ and the session's longest-common-prefix reuse makes that cheap when nothing chan
 delete only change the store, and an app restarted on the same data directory continues a conversation
 exactly as the live one would have.
 
+Every generation goes through the Scheduler, the one door to the model shared with other callers: one answer at
+a time by default, the others wait in line and their streams say their place ("queued" events).
+
 Error reporting: the streaming methods (send, regenerate, edit_last) return iterators of StreamEvent and
 report every problem as an "error" event (after validation problems nothing has been stored); the other
 methods raise ChatError, or the subsystem's own user-facing error (PdfError, CaptureError).
@@ -37,6 +40,7 @@ from engine.processing import ImageError, load_image
 from engine.runtime import Runtime
 
 from .settings import GenerationSettings
+from .scheduler import Scheduler, Ticket
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -235,12 +239,19 @@ def _size(n: int) -> str:
 # ====================================================================== chat
 @dataclass
 class StreamEvent:
-    kind: str  # "started", "delta", "done" or "error"
+    """One step of an answer's stream, in this order: "queued"* (only when it must wait), then "started",
+    "delta"*, and "done"; or it ends early with "error" (at any point) or "cancelled" (stopped while queued)."""
+
+    kind: str  # "queued", "started", "delta", "done", "error" or "cancelled"
     conversation_id: str | None
-    message_id: int | None = None  # the assistant message (None for errors before anything was stored)
-    text: str = ""  # delta: the new piece; done: the full answer; error: the message for the user
+    message_id: int | None = None  # the assistant message (None before it exists: errors, queued, cancelled)
+    text: str = ""  # delta: the new piece; done: the full answer; error and cancelled: the message for the user
     stats: dict = field(default_factory=dict)  # done: prompt_tokens, reused_tokens, ttft, tokens, ...
-    user_message_id: int | None = None  # started: the stored question
+    user_message_id: int | None = None  # queued, started, cancelled: the stored question
+    position: int | None = None  # queued: place in line among waiting requests, 1 = next to get the model
+
+
+STOPPED_IN_LINE = "Stopped before the answer started; your question is kept (Regenerate answers it)."
 
 
 @dataclass
@@ -277,11 +288,21 @@ class _StopEvent(threading.Event):
         pass
 
 
+@dataclass
+class _Job:
+    """A conversation's request in flight: its Stop flag, and its scheduler ticket once it has joined the line."""
+
+    cancel: threading.Event
+    ticket: Ticket | None = None
+
+
 class ChatService:
-    def __init__(self, store: Store, models: ModelManager, *, max_sessions: int = 4, overflow: str = "error",
-                 max_text_chars: int = MAX_TEXT_CHARS, flush_tokens: int = 8, flush_seconds: float = 0.5):
+    def __init__(self, store: Store, models: ModelManager, scheduler: Scheduler | None = None, *,
+                 max_sessions: int = 4, overflow: str = "error", max_text_chars: int = MAX_TEXT_CHARS,
+                 flush_tokens: int = 8, flush_seconds: float = 0.5):
         self.store = store
         self.models = models
+        self.scheduler = scheduler or Scheduler()  # pass a shared one when other callers use the same model
         self.max_sessions = max_sessions
         self.overflow = overflow
         self.max_text_chars = max_text_chars
@@ -289,7 +310,7 @@ class ChatService:
         self.flush_seconds = flush_seconds
         self._lock = threading.Lock()
         self._sessions: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
-        self._active: dict[str, threading.Event] = {}  # conversation id -> cancel flag of its running job
+        self._active: dict[str, _Job] = {}  # conversation id -> its queued or running request
 
     # ------------------------------------------------------------------ streaming operations
     def send(self, conversation_id: str | None, text: str, images: Sequence[ImageInput] = (),
@@ -343,7 +364,7 @@ class ChatService:
             yield StreamEvent("error", conversation_id, text=f"Could not save the message: {e}")
             return
         try:
-            yield from self._generate(conversation_id, entry, params, system_prompt, user_id, cancel)
+            yield from self._generate(conversation_id, entry, params, system_prompt, user_id)
         finally:
             self._release(conversation_id)
 
@@ -387,50 +408,79 @@ class ChatService:
             yield StreamEvent("error", conversation_id, text=str(e))
             return
         try:
+            # The old answer goes when the new one starts (a regenerate stopped while queued keeps it), but at
+            # once after an edit: it answers a question that no longer exists.
+            old_answer = messages[last + 1]["id"] if last + 1 < len(messages) else None
             try:
                 if new_text is not None:
                     self.store.update_message(question["id"], text=new_text)
-                if last + 1 < len(messages):
-                    self.store.delete_messages_from(messages[last + 1]["id"])
+                    if old_answer is not None:
+                        self.store.delete_messages_from(old_answer)
+                        old_answer = None
             except (ValueError, StoreError) as e:
                 yield StreamEvent("error", conversation_id, text=f"Could not save the change: {e}")
                 return
             self._register(conversation_id, entry)
-            yield from self._generate(conversation_id, entry, params, system_prompt, question["id"], cancel)
+            yield from self._generate(conversation_id, entry, params, system_prompt, question["id"],
+                                      replaces=old_answer)
         finally:
             self._release(conversation_id)
 
     def _generate(self, conversation_id: str, entry: _Entry, params: SamplingParams, system_prompt: str | None,
-                  user_id: int, cancel: threading.Event) -> Iterator[StreamEvent]:
-        """Stream the answer to the session's last turn into a new assistant message (the caller holds the claim).
+                  user_id: int, replaces: int | None = None) -> Iterator[StreamEvent]:
+        """Queue for the model, then stream the answer to the session's last turn into a new assistant message
+        (the caller holds the claim). `replaces`: an old answer to delete once the new one starts.
 
-        The model runs in a worker thread of its own and hands events over a queue: torch's inference mode is
+        The question is already stored (the user sees it while waiting); the answer row is created only when the
+        model is ours. So a request stopped in line, or a process killed while it waited, leaves the question
+        without an answer (which the conversation handles: Regenerate answers it) and never an empty answer
+        row; crash recovery only has the answers that were really streaming to mark stopped.
+
+        A worker thread waits in line and runs the model, handing events over a queue: torch's inference mode is
         thread-local, and a UI may advance this iterator from a different thread each step. The worker also does
         all the store writes, so a slow or vanished reader cannot leave the message half-written."""
-        try:
-            record = GenerationSettings.from_sampling(params, system_prompt).to_dict()
-            message_id = self.store.add_message(conversation_id, "assistant", "", status="streaming",
-                                                settings=record, model=self.models.model_name)
-        except (ValueError, StoreError) as e:
-            yield StreamEvent("error", conversation_id, text=f"Could not save the answer: {e}")
-            return
-        yield StreamEvent("started", conversation_id, message_id, user_message_id=user_id)
+        with self._lock:
+            job = self._active[conversation_id]
+            # The service lock orders this with stop(): a Stop pressed earlier gives a withdrawn ticket.
+            job.ticket = ticket = self.scheduler.submit(label=f"chat {conversation_id[:8]}", cancel=job.cancel)
         events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
         worker = threading.Thread(target=self._produce, name=f"generate-{conversation_id[:8]}",
-                                  args=(conversation_id, entry, params, message_id, cancel, events.put), daemon=True)
+                                  args=(conversation_id, entry, params, system_prompt, user_id, replaces, ticket,
+                                        events.put), daemon=True)
         worker.start()
         try:
             while True:
                 event = events.get()
                 yield event
-                if event.kind in ("done", "error"):
+                if event.kind in ("done", "error", "cancelled"):
                     break
         finally:
-            cancel.set()  # the reader went away mid-answer (tab closed): stop; the worker stores it as stopped
+            # The reader went away (tab closed): leave the line, or stop and store the answer as stopped.
+            ticket.cancel()
             worker.join()
 
-    def _produce(self, conversation_id: str, entry: _Entry, params: SamplingParams, message_id: int,
-                 cancel: threading.Event, emit: Callable[[StreamEvent], None]) -> None:
+    def _produce(self, conversation_id: str, entry: _Entry, params: SamplingParams, system_prompt: str | None,
+                 user_id: int, replaces: int | None, ticket: Ticket, emit: Callable[[StreamEvent], None]) -> None:
+        with ticket:  # gives the model to the next in line however this ends, crash included
+            for place in ticket.places():
+                emit(StreamEvent("queued", conversation_id, user_message_id=user_id, position=place))
+            if not ticket.running or ticket.cancel_event.is_set():  # stopped in line (or just as it got out)
+                emit(StreamEvent("cancelled", conversation_id, user_message_id=user_id, text=STOPPED_IN_LINE))
+                return
+            try:
+                if replaces is not None:
+                    self.store.delete_messages_from(replaces)
+                message_id = self.store.add_message(conversation_id, "assistant", "", status="streaming",
+                                                    settings=GenerationSettings.from_sampling(params, system_prompt).to_dict(),
+                                                    model=self.models.model_name)
+            except Exception as e:  # in this thread an uncaught error would leave the reader waiting forever
+                emit(StreamEvent("error", conversation_id, text=f"Could not save the answer: {e}"))
+                return
+            emit(StreamEvent("started", conversation_id, message_id, user_message_id=user_id))
+            self._answer(conversation_id, entry, params, message_id, ticket.cancel_event, emit)
+
+    def _answer(self, conversation_id: str, entry: _Entry, params: SamplingParams, message_id: int,
+                cancel: threading.Event, emit: Callable[[StreamEvent], None]) -> None:
         session = entry.session
         pieces: list[str] = []
         flushed_tokens, flushed_at = 0, time.monotonic()
@@ -461,18 +511,30 @@ class ChatService:
             emit(StreamEvent("error", conversation_id, message_id, f"Generation failed: {error}"))
 
     def stop(self, conversation_id: str) -> bool:
-        """Stop the answer being generated in this conversation (ends within one decode step).
-        Returns False when nothing was running."""
+        """Stop this conversation's request: one waiting in line leaves it (its stream ends with "cancelled", the
+        question stays, no answer is stored); a running answer ends within one decode step and is stored as
+        stopped. Returns False when nothing was queued or running."""
         with self._lock:
-            cancel = self._active.get(conversation_id)
-        if cancel is None:
-            return False
-        cancel.set()
+            job = self._active.get(conversation_id)
+            if job is None:
+                return False
+            if job.ticket is not None:
+                job.ticket.cancel()
+            else:  # still being stored: _generate's submit sees the flag
+                job.cancel.set()
         return True
 
     def is_generating(self, conversation_id: str) -> bool:
+        """True while this conversation has a request queued or running (anything Stop would act on)."""
         with self._lock:
             return conversation_id in self._active
+
+    def queue_position(self, conversation_id: str) -> int | None:
+        """The conversation's place in line (1 = next to get the model); None when it is not waiting."""
+        with self._lock:
+            job = self._active.get(conversation_id)
+            ticket = job.ticket if job else None
+        return ticket.position if ticket else None
 
     # ------------------------------------------------------------------ other operations
     def delete_turn(self, conversation_id: str, message_id: int) -> int:
@@ -669,10 +731,12 @@ class ChatService:
             self._sessions.pop(conversation_id, None)
 
     def _claim(self, conversation_id: str, cancel: threading.Event) -> None:
+        """One request per conversation at a time (the scheduler orders requests, not turns of one chat)."""
         with self._lock:
             if conversation_id in self._active:
-                raise ChatError("An answer is still being generated in this conversation; stop it first.")
-            self._active[conversation_id] = cancel
+                raise ChatError("An answer is still being generated (or waiting its turn) in this conversation; "
+                                "stop it first.")
+            self._active[conversation_id] = _Job(cancel)
 
     def _release(self, conversation_id: str) -> None:
         with self._lock:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from .generation import Cancelled, Sampler, SamplingParams, decode
+from .generation import Cancelled, Detokenizer, Sampler, SamplingParams, decode
 from .processing import ImageSource, load_image
 from .runtime import Runtime
 
@@ -276,8 +276,10 @@ class ChatSession:
         tokenizer = self.processor.tokenizer
         stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         stop_strings = list(self.processor.template.stop_str)
-        generated: list[int] = []
-        emitted = ""
+        longest_stop = max(map(len, stop_strings), default=0)
+        detokenizer = Detokenizer(tokenizer)
+        text = ""  # the answer decoded so far (cut at a stop string once one appears)
+        emitted = 0  # how much of `text` has been yielded
         self.last_stats = stats = Stats()
         start = time.perf_counter()
         try:
@@ -287,35 +289,41 @@ class ChatSession:
             stats.finish = "length"
             tokens = decode(self.runtime.model, self._cache, logits, Sampler(params), history=ids,
                             stop_ids=stop_ids, cancel=cancel)
+            cut = None
             with torch.inference_mode():
                 for token in tokens:
                     self._cached_keys.append(token)
-                    generated.append(token)
                     if stats.tokens == 0:
                         stats.ttft = time.perf_counter() - start
                     stats.tokens += 1
-                    text = tokenizer.decode(generated, skip_special_tokens=True)
-                    cut = _first_stop(text, stop_strings)
+                    piece = detokenizer.add(token)
+                    if not piece:
+                        continue
+                    # A stop string not found before must end inside the new piece.
+                    searched_from = max(0, len(text) - longest_stop + 1)
+                    text += piece
+                    cut = _first_stop(text, stop_strings, searched_from)
                     if cut is not None:
                         text, stats.finish = text[:cut], "stop"
-                    safe = _safe_prefix(text, stop_strings)
-                    if len(safe) > len(emitted):
-                        piece, emitted = safe[len(emitted):], safe
-                        yield piece
+                    safe = len(text) - _partial_stop(text, stop_strings)
+                    if safe > emitted:
+                        yield text[emitted:safe]
+                        emitted = safe
                     if cut is not None:
                         break
                 else:
-                    if len(generated) < params.max_new_tokens:
+                    if stats.tokens < params.max_new_tokens:
                         stats.finish = "stop"
-            final = _strip_stop(tokenizer.decode(generated, skip_special_tokens=True), stop_strings)
-            if len(final) > len(emitted):
-                yield final[len(emitted):]
-                emitted = final
+            if cut is None:
+                text = _strip_stop(text + detokenizer.flush(), stop_strings)
+            if len(text) > emitted:
+                yield text[emitted:]
+                emitted = len(text)
         except Cancelled:
             stats.finish = "cancelled"
         finally:
             stats.decode_seconds = time.perf_counter() - start - stats.ttft
-            self.turns.append(Turn(ASSISTANT, emitted.strip()))
+            self.turns.append(Turn(ASSISTANT, text[:emitted].strip()))
             self._lock.release()
 
     def cancel(self) -> None:
@@ -325,19 +333,20 @@ class ChatSession:
         return "".join(self.stream(params))
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    found = [text.find(s) for s in stops if s in text]
+def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(found) if found else None
 
 
-def _safe_prefix(text: str, stops: Sequence[str]) -> str:
-    """Hold back a trailing partial stop string ("Us" of "User:") and an unfinished UTF-8 character."""
-    text = text.rstrip("\ufffd")
+def _partial_stop(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could be the start of a stop string ("Us" of "User:"): held back."""
+    held = 0
     for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
+        for n in range(min(len(s) - 1, len(text)), held, -1):
             if text.endswith(s[:n]):
-                return text[:-n]
-    return text
+                held = n
+                break
+    return held
 
 
 def _strip_stop(text: str, stops: Sequence[str]) -> str:

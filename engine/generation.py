@@ -114,3 +114,41 @@ def step(model: DeepSeekVL, cache, token: int) -> torch.Tensor:
         use_cache=True,
     )
     return out.logits[0, -1]
+
+
+class Detokenizer:
+    """Token ids -> new text, one id at a time, decoding only a short window of recent ids.
+
+    Decoding the whole answer after every token costs O(n²) over an answer; this keeps two offsets into the ids
+    (as transformers' TextIteratorStreamer and vLLM's detokenizer do): `prefix` where the window starts, and
+    `read` where the text already handed out ends. Each step decodes ids[prefix:read] and ids[prefix:]; the
+    difference is the new text. Decoding from a few ids back, rather than from `read`, keeps byte-level merges
+    and leading-space rules right at the seam. A window whose text ends in U+FFFD stops at an incomplete UTF-8
+    character (an emoji spread over several byte tokens): it is held until the character's last byte arrives.
+    """
+
+    def __init__(self, tokenizer, *, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = self._read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token: int) -> str:
+        """The text this id completes ("" while a character is still incomplete)."""
+        self.ids.append(token)
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return after[len(before):]
+
+    def flush(self) -> str:
+        """What is still held back at the end (an incomplete character decodes to U+FFFD)."""
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return after[len(before):]

@@ -6,9 +6,9 @@ import time
 import pytest
 from PIL import Image
 
-from engine.chat import ASSISTANT, USER, ChatSession, ContextOverflow, Turn, _first_stop, _safe_prefix
+from engine.chat import ASSISTANT, USER, ChatSession, ContextOverflow, Turn, _first_stop, _partial_stop
 from engine.demo import DEMO_DIR
-from engine.generation import SamplingParams
+from engine.generation import Detokenizer, SamplingParams
 from engine.runtime import Runtime
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
@@ -175,6 +175,65 @@ def test_invalid_sampling_parameters():
 
 def test_stop_strings_are_held_back_and_cut():
     stops = ["User:", "<｜end▁of▁sentence｜>"]
+
+    def _safe_prefix(text, stops):
+        return text[:len(text) - _partial_stop(text, stops)]
+
     assert _safe_prefix("Hello Us", stops) == "Hello "
     assert _safe_prefix("Hello", stops) == "Hello"
     assert _first_stop("Answer.\n\nUser: next", stops) == len("Answer.\n\n")
+    # The longest partial match over all stop strings is held back, not the first one found.
+    assert _partial_stop("well <｜end", ["User:", "<｜end▁of▁sentence｜>"]) == len("<｜end")
+    assert _partial_stop("say ab", ["b!", "ab!"]) == 2
+    assert _first_stop("User: hi. User:", stops, start=1) == len("User: hi. ")
+
+
+UNICODE_TEXTS = [
+    "Hello, world! Ünïcödé — 日本語のテキスト and an emoji 🎉 then a family 👩‍👩‍👧 done.",
+    "🎉🎉🎉",  # nothing but multi-byte characters spread over byte tokens
+    "  leading spaces, a tab\there, a new line\nand Ελληνικά, русский, עברית, العربية",
+    "a . b , c ! ? (spaces before punctuation must survive)",
+]
+
+
+@pytest.mark.parametrize("text", UNICODE_TEXTS)
+def test_detokenizer_pieces_join_to_the_full_decode(runtime, text):
+    tokenizer = runtime.processor.tokenizer
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detokenizer = Detokenizer(tokenizer)
+    pieces = [detokenizer.add(i) for i in ids] + [detokenizer.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert not any(p.endswith("\ufffd") for p in pieces)  # an emoji is handed out whole, never half
+    assert len([p for p in pieces if p]) > 1  # streamed, not all at the end
+
+
+def test_detokenizer_decodes_a_short_window_not_the_whole_answer(runtime):
+    tokenizer = runtime.processor.tokenizer
+    windows = []
+
+    class Recording:  # the real tokenizer, noting how many ids each decode call is given
+        def decode(self, ids, **kwargs):
+            windows.append(len(ids))
+            return tokenizer.decode(ids, **kwargs)
+
+    text = " ".join(UNICODE_TEXTS * 5)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detokenizer = Detokenizer(Recording())
+    assert "".join([detokenizer.add(i) for i in ids] + [detokenizer.flush()]) == text
+    assert len(ids) > 400 and max(windows) <= 8  # a 4-byte character spans at most 4 byte tokens
+
+
+def test_detokenizer_holds_an_unfinished_character_until_flush(runtime):
+    tokenizer = runtime.processor.tokenizer
+    ids = tokenizer.encode("ok 🎉", add_special_tokens=False)
+    detokenizer = Detokenizer(tokenizer)
+    text = "".join(detokenizer.add(i) for i in ids[:-1])  # the emoji's last byte never came
+    assert text == "ok " and detokenizer.flush() == "\ufffd"
+
+
+def test_streamed_pieces_join_to_the_session_answer(runtime):
+    session = ChatSession(runtime)
+    session.add_user("Say something long.")
+    pieces = list(session.stream(SamplingParams(temperature=1.0, seed=7, max_new_tokens=80)))
+    assert "".join(pieces).strip() == session.turns[-1].text
+    assert all(pieces)

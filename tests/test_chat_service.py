@@ -3,11 +3,13 @@
 import io
 import os
 import threading
+import types
 
 import pytest
 from PIL import Image
 
-from app.chat_service import ChatError, ChatService, ModelManager
+from app.chat_service import STOPPED_IN_LINE, ChatError, ChatService, ModelManager, StreamEvent
+from app.scheduler import Scheduler
 from app.settings import GenerationSettings
 from app.store import Store
 from engine.chat import ChatSession
@@ -171,6 +173,185 @@ def test_closing_the_stream_early_stores_a_stopped_answer(service, store):
     answer = store.get_conversation(started.conversation_id)["messages"][-1]
     assert answer["status"] == "stopped"
     assert not service.is_generating(started.conversation_id)
+
+
+# ---------------------------------------------------------------------- the queue (one answer at a time)
+@pytest.fixture
+def model_use(monkeypatch):
+    """Watches the model (without changing what it does): which questions it answers, in order, and the most
+    answers it ran at once."""
+    original = ChatSession.stream
+    use = types.SimpleNamespace(questions=[], running=0, peak=0, lock=threading.Lock())
+
+    def watched_stream(session, *args, **kwargs):
+        with use.lock:
+            use.questions.append(session.turns[-1].text)
+            use.running += 1
+            use.peak = max(use.peak, use.running)
+        try:
+            yield from original(session, *args, **kwargs)
+        finally:
+            with use.lock:
+                use.running -= 1
+
+    monkeypatch.setattr(ChatSession, "stream", watched_stream)
+    return use
+
+
+def until_delta(stream):
+    """Read a stream up to its first delta (the model is then busy with it); returns the events read."""
+    events = []
+    for event in stream:
+        events.append(event)
+        if event.kind == "delta":
+            return events
+    raise AssertionError(f"the stream ended without a delta: {events[-1]}")
+
+
+def alone(models, question):
+    """The answer a brand-new session gives this question, as the service stores it (stripped)."""
+    return fresh_answers(models.runtime, [(question, [])])[0].strip()
+
+
+LONG = {"max_new_tokens": 100_000}  # runs until stopped: it holds the model while the test looks around
+
+
+def test_a_second_conversation_waits_its_turn(service, store, model_use):
+    first = service.send(None, "Tell me a very long story.", [], LONG)
+    first_id = until_delta(first)[0].conversation_id
+    second = service.send(None, "second question", [], GREEDY)
+    queued = next(second)
+    assert queued.kind == "queued" and queued.position == 1 and queued.message_id is None
+    second_id = queued.conversation_id
+    assert service.queue_position(second_id) == 1 and service.is_generating(second_id)
+    assert service.queue_position(first_id) is None  # running, not waiting
+    # The question is stored and shown at once; its answer row only comes when its turn does.
+    messages = store.get_conversation(second_id)["messages"]
+    assert [(m["role"], m["text"], m["id"]) for m in messages] == [("user", "second question", queued.user_message_id)]
+
+    assert service.stop(first_id)
+    assert list(first)[-1].stats["finish"] == "cancelled"
+    rest = list(second)
+    assert [e.kind for e in rest][0] == "started" and rest[-1].kind == "done"
+    assert model_use.questions == ["Tell me a very long story.", "second question"] and model_use.peak == 1
+    assert service.scheduler.running == 0 and not service.is_generating(second_id)
+
+
+def test_stopping_a_queued_request_removes_it_and_the_others_run_untouched(service, store, models, model_use):
+    other_caller = service.scheduler.submit(owner="api", label="another caller")  # holds the model for now
+    assert other_caller.running
+    streams = [service.send(None, text, [], GREEDY) for text in ("first question", "second question", "third one")]
+    queued = [next(stream) for stream in streams]
+    assert [(e.kind, e.position) for e in queued] == [("queued", 1), ("queued", 2), ("queued", 3)]
+    first_id, second_id, third_id = (e.conversation_id for e in queued)
+
+    assert service.stop(second_id)
+    assert list(streams[1]) == [StreamEvent("cancelled", second_id, text=STOPPED_IN_LINE,
+                                            user_message_id=queued[1].user_message_id)]
+    moved = next(streams[2])  # told of its new place
+    assert (moved.kind, moved.position) == ("queued", 2)
+    assert service.queue_position(first_id) == 1 and service.queue_position(third_id) == 2
+    assert not service.is_generating(second_id) and not service.stop(second_id)
+    assert [m["role"] for m in store.get_conversation(second_id)["messages"]] == ["user"]  # no empty answer
+
+    other_caller.release()
+    first_events, third_events = list(streams[0]), list(streams[2])
+    assert [e.kind for e in first_events][0] == "started" and first_events[-1].kind == "done"
+    # Whether it saw itself next while the first ran depends on thread timing; never a place it did not have.
+    assert [e.position for e in third_events if e.kind == "queued"] in ([], [1])
+    assert third_events[-1].kind == "done"
+    assert model_use.questions == ["first question", "third one"] and model_use.peak == 1
+    expected = [alone(models, "first question"), alone(models, "third one")]
+    assert [first_events[-1].text, third_events[-1].text] == expected  # as if each had run alone
+
+    # The stopped question stays; the conversation goes on (Regenerate answers it).
+    events, again = run(service.regenerate(second_id, GREEDY))
+    assert again.kind == "done" and again.text == alone(models, "second question")
+
+
+def test_a_crash_in_one_answer_frees_the_model_for_the_next(service, store, models, monkeypatch):
+    watched = ChatSession.stream
+
+    def stream(session, *args, **kwargs):
+        if session.turns[-1].text == "crash please":
+            raise RuntimeError("the model fell over")
+        return watched(session, *args, **kwargs)
+
+    monkeypatch.setattr(ChatSession, "stream", stream)
+    other_caller = service.scheduler.submit(label="another caller")
+    crashing, next_one = service.send(None, "crash please", [], GREEDY), service.send(None, "hello", [], GREEDY)
+    crash_id, next_id = next(crashing).conversation_id, next(next_one).conversation_id
+    other_caller.release()
+    crash_events = list(crashing)
+    assert crash_events[-1].kind == "error" and "the model fell over" in crash_events[-1].text
+    assert store.get_conversation(crash_id)["messages"][-1]["status"] == "failed"
+    done = list(next_one)[-1]
+    assert done.kind == "done" and done.text == alone(models, "hello")
+    assert service.scheduler.running == 0 and service.scheduler.waiting == 0
+
+
+def test_a_reader_gone_while_queued_leaves_the_line(service, store):
+    other_caller = service.scheduler.submit(label="another caller")
+    stream = service.send(None, "never mind", [], GREEDY)
+    queued = next(stream)
+    assert queued.kind == "queued" and service.scheduler.waiting == 1
+    stream.close()  # the browser tab went away
+    assert service.scheduler.waiting == 0 and not service.is_generating(queued.conversation_id)
+    assert [m["role"] for m in store.get_conversation(queued.conversation_id)["messages"]] == ["user"]
+    other_caller.release()
+    assert next(service.send(None, "next", [], GREEDY)).kind == "started"  # nobody ahead of it
+
+
+def test_a_reader_gone_while_running_frees_the_model(service, store):
+    running = service.send(None, "Talk for a long time.", [], LONG)
+    running_id = until_delta(running)[0].conversation_id
+    waiting = service.send(None, "my turn?", [], GREEDY)
+    assert next(waiting).kind == "queued"
+    running.close()
+    assert store.get_conversation(running_id)["messages"][-1]["status"] == "stopped"
+    events = list(waiting)
+    assert events[0].kind == "started" and events[-1].kind == "done"
+
+
+def test_several_slots_answer_that_many_at_once(store, models, model_use):
+    service = ChatService(store, models, Scheduler(slots=2))
+    streams = [service.send(None, f"long story {i}", [], LONG) for i in range(2)]
+    ids = [until_delta(stream)[0].conversation_id for stream in streams]  # both started, none queued
+    assert service.scheduler.running == 2 and model_use.running == 2
+    third = service.send(None, "third", [], GREEDY)
+    assert (next(third).kind, service.scheduler.waiting) == ("queued", 1)
+    for conversation_id, stream in zip(ids, streams):
+        service.stop(conversation_id)
+        assert list(stream)[-1].stats["finish"] == "cancelled"
+    assert list(third)[-1].kind == "done" and model_use.peak == 2
+
+
+def test_a_regenerate_stopped_in_line_keeps_the_old_answer(service, store):
+    first = ask(service, None, "Describe the weather.")
+    cid = first.conversation_id
+    before = store.get_conversation(cid)["messages"]
+    other_caller = service.scheduler.submit(label="another caller")
+    regenerating = service.regenerate(cid, GREEDY)
+    assert next(regenerating).kind == "queued"
+    assert store.get_conversation(cid)["messages"] == before  # replaced only once the new answer starts
+    service.stop(cid)
+    assert list(regenerating)[-1].kind == "cancelled"
+    assert store.get_conversation(cid)["messages"] == before
+    other_caller.release()
+    events, again = run(service.regenerate(cid, GREEDY))
+    assert again.text == first.text and [m["id"] for m in store.get_conversation(cid)["messages"]][-1] == \
+        again.message_id != first.message_id
+
+
+def test_an_edit_in_line_is_stored_at_once_without_its_old_answer(service, store):
+    first = ask(service, None, "Old question")
+    cid = first.conversation_id
+    other_caller = service.scheduler.submit(label="another caller")
+    editing = service.edit_last(cid, "New question", GREEDY)
+    assert next(editing).kind == "queued"
+    assert [(m["role"], m["text"]) for m in store.get_conversation(cid)["messages"]] == [("user", "New question")]
+    other_caller.release()
+    assert list(editing)[-1].kind == "done"
 
 
 # ---------------------------------------------------------------------- regenerate, edit, delete

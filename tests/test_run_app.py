@@ -32,6 +32,11 @@ def test_flags(tmp_path):
     assert run_app.parse_args(["--load-8bit"]).quantization == "8bit"
 
 
+def test_parallel_answers():
+    assert run_app.parse_args([]).parallel == 1
+    assert run_app.parse_args(["--parallel", "3"]).parallel == 3
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--load-4bit", "--load-8bit"], "not allowed with argument"),
     (["--auth", "nopassword"], "USER:PASS"),
@@ -40,6 +45,8 @@ def test_flags(tmp_path):
     (["--port", "70000"], "1..65535"),
     (["--device", "tpu"], "not a device"),
     (["--dtype", "int3"], "invalid choice"),
+    (["--parallel", "0"], "whole number ≥ 1"),
+    (["--parallel", "two"], "whole number ≥ 1"),
 ])
 def test_bad_flags_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -94,6 +101,7 @@ def test_main_builds_the_service_and_launches_the_ui(tmp_path, monkeypatch, caps
 
     service, models, store = seen["parts"]
     assert service.models is models and service.store is store
+    assert service.scheduler.slots == 1  # one answer at a time unless --parallel says otherwise
     assert models.wait(60) and models.is_demo  # the demo loaded in the background
     assert seen["launch"] == {"server_name": "127.0.0.1", "server_port": 9000, "share": False, "auth": ("u", "p"),
                               "inbrowser": False, "quiet": True, "prevent_thread_lock": True}
