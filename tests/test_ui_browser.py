@@ -557,3 +557,37 @@ def test_laptop_screen_keeps_input_and_tools_in_view(browser, server, store):
     finally:
         set_max_new_tokens(page, 512)  # the settings are kept for the next chats of this module
         context.close()
+
+
+def test_second_tab_waits_in_line_and_sees_its_place(browser, server, store, shared_page):
+    """One model, two tabs: the second tab's question is stored and shown at once with its place in line;
+    it is answered when the first tab's answer ends."""
+    first = shared_page
+    first.click("#new-chat-btn")
+    set_max_new_tokens(first, 3000)
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    second = context.new_page()
+    second.set_default_timeout(TIMEOUT_MS)
+    try:
+        open_app(second, server["url"])
+        second.click("#new-chat-btn")
+        set_max_new_tokens(second, 8)
+        send(first, "A very long story about a godwit")
+        first.wait_for_selector("#chat-input button.stop-button")
+        send(second, "Short question about a plover")
+        second.wait_for_selector("#notice:has-text('1st in line')")
+        second.wait_for_selector("#chatbot [data-testid=bot]:has-text('1st in line')")
+        assert "plover" in second.locator("#chatbot [data-testid=user]").last.inner_text()
+        question = find_conversation(store, "plover")["messages"]
+        assert [m["role"] for m in question] == ["user"]  # stored while waiting; no answer row yet
+        assert find_conversation(store, "godwit")["messages"][-1]["status"] == "streaming"
+
+        first.click("#stop-btn")
+        assert "(stopped)" in wait_answer_finished(first)
+        wait_answer_finished(second)
+        answer = find_conversation(store, "plover")["messages"][-1]
+        assert answer["role"] == "assistant" and answer["status"] == "complete"
+        second.wait_for_selector("#notice", state="hidden")
+    finally:
+        set_max_new_tokens(first, 512)
+        context.close()

@@ -165,30 +165,21 @@ class ChatTab:
         messages: list[dict] = []
         answer, last = "", 0.0
         for event in events:
-            if event.kind == "error":
+            if event.kind in ("error", "cancelled"):  # cancelled: stopped while waiting in line
                 conversation_id = event.conversation_id or conversation_id
-                update = show(self.notice, event.text)
+                update = show(self.notice, event.text, "error" if event.kind == "error" else "info")
                 if self.history.get(conversation_id):
                     update.update({self.conv: conversation_id, **self.transcript_updates(conversation_id)})
                 yield update
                 return
-            if event.kind == "queued":
-                yield show(self.notice, f"{ordinal(event.position)} in line: the answer starts when the model "
-                                        "is free (Stop leaves the queue).", "info")
-            elif event.kind == "started":
+            if event.kind in ("queued", "started"):
                 conversation_id = event.conversation_id
-                self.history.remember_settings(conversation_id, settings)  # for the next visit and new chats
-                conversation = self.history.get(conversation_id)
-                messages, message_ids = views.transcript(conversation, streaming_id=event.message_id)
-                if not message_ids or message_ids[-1] != event.message_id:  # not flushed yet: add it
-                    messages.append({"role": "assistant", "content": views.STREAMING_CURSOR})
-                    message_ids.append(event.message_id)
-                update = {self.conv: conversation_id, self.chatbot: messages, self.ids: message_ids,
-                          self.selected: None, self.editing: False, self.edit_bar: gr.update(visible=False),
-                          self.stats: "", **self.actions(True, streaming=True), **hide(self.notice)}
-                if clear_input:
-                    update[self.input] = gr.update(value=EMPTY_INPUT, submit_btn=False, stop_btn=True)
-                last = time.monotonic()
+                place = f"⏳ {ordinal(event.position)} in line" if event.kind == "queued" else None
+                messages, update = self._begin(conversation_id, event.message_id, place, clear_input)
+                clear_input = False  # once: the user may type the next message while this one waits
+                if event.kind == "started":
+                    self.history.remember_settings(conversation_id, settings)  # for the next visit and new chats
+                    last = time.monotonic()
                 yield update
             elif event.kind == "delta":
                 answer += event.text
@@ -198,6 +189,22 @@ class ChatTab:
                     yield {self.chatbot: messages}
             elif event.kind == "done":
                 yield {**self.transcript_updates(conversation_id), self.stats: views.stats_line(event.stats)}
+
+    def _begin(self, conversation_id: str, answer_id: int | None, place: str | None, clear_input: bool):
+        """The transcript with the stored question and a bubble for the answer: its place in line while it
+        waits (`place`), the streaming cursor once it runs."""
+        messages, message_ids = views.transcript(self.history.get(conversation_id), streaming_id=answer_id)
+        if answer_id is None or not message_ids or message_ids[-1] != answer_id:  # not flushed yet: add it
+            messages.append({"role": "assistant", "content": place or views.STREAMING_CURSOR})
+            message_ids.append(answer_id)
+        update = {self.conv: conversation_id, self.chatbot: messages, self.ids: message_ids, self.selected: None,
+                  self.editing: False, self.edit_bar: gr.update(visible=False), self.stats: "",
+                  **self.actions(True, streaming=True)}
+        update.update(show(self.notice, f"{place}: the answer starts when the model is free; Stop leaves the line.",
+                           "info") if place else hide(self.notice))
+        if clear_input:
+            update[self.input] = gr.update(value=EMPTY_INPUT, submit_btn=False, stop_btn=True)
+        return messages, update
 
     @property
     def stream_outputs(self) -> list:
@@ -361,11 +368,14 @@ class ChatTab:
             for fn, inputs, outputs in [*after_change, meter]:
                 event = event.then(fn, inputs, outputs, **QUIET)
 
+        # concurrency_limit=None: gradio would otherwise run one send at a time across all tabs, and a waiting
+        # tab would never hear its place in line; the app's scheduler is what lines requests up for the model.
+        streaming = {"show_progress": "minimal", "concurrency_limit": None}
         sent = self.input.submit(g(self.submit), [self.conv, self.input, self.editing, *self.settings.inputs],
-                                 self.stream_outputs, show_progress="minimal")
+                                 self.stream_outputs, **streaming)
         then_refresh(sent)
         then_refresh(self.regenerate_btn.click(g(self.regenerate), [self.conv, *self.settings.inputs],
-                                               self.stream_outputs, show_progress="minimal"))
+                                               self.stream_outputs, **streaming))
         for trigger in (self.stop_btn.click, self.input.stop):
             trigger(g(self.stop), [self.conv], [self.notice], queue=False, **QUIET)
         self.edit_btn.click(g(self.start_edit), [self.conv], [self.input, self.editing, self.edit_bar, self.notice],
