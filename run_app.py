@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and args.auth is None:
         log.warning("the app is reachable from other machines without a login; consider --auth USER:PASS")
 
-    from app.chat_service import ModelManager
+    from app.models import ModelManager
     from app.scheduler import Scheduler
     from app.services import Services
     from app.store import Store

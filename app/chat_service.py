@@ -28,212 +28,27 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Union
+from typing import Any, Union
 
 from PIL import Image
 
 from engine.chat import ASSISTANT, MIN_ANSWER_ROOM, USER, ChatSession, Turn, overflow_message
-from engine.demo import DEMO_DIR, DEMO_NAME
 from engine.generation import SamplingParams
-from engine.loading import LoadCancelled, LoadError
 from engine.processing import ImageError, load_image
 from engine.runtime import Runtime
 
-from .settings import GenerationSettings
+from .errors import ChatError
+from .models import ModelManager
 from .scheduler import Scheduler, Ticket
+from .settings import GenerationSettings
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 100_000
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
-REAL_MODEL_HINT = "python run_app.py --model deepseek-ai/deepseek-vl-7b-chat --load-4bit"
 
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image]
-
-
-class ChatError(ValueError):
-    """A problem the user can fix; the message is worded to be shown as is."""
-
-
-# ====================================================================== the model
-class LoadProgress(NamedTuple):
-    fraction: float  # 0..1
-    stage: str
-
-
-class ModelManager:
-    """Loads the Runtime in a background thread so the UI can show progress (and a clear error) meanwhile."""
-
-    def __init__(self, source: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None,
-                 quantization: str | None = None, *, loader: Callable[..., Runtime] = Runtime.load):
-        if quantization not in (None, "8bit", "4bit"):
-            raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
-        self.source = DEMO_DIR if source is None else source
-        self.device = None if device in (None, "", "auto") else device
-        self.dtype = None if dtype in (None, "", "auto") else dtype
-        self.quantization = quantization
-        self._loader = loader
-        self._lock = threading.Lock()
-        self._finished = threading.Event()  # set when a load ends, either way
-        self._cancel = threading.Event()
-        self._status = "idle"
-        self._error: str | None = None
-        self._progress = LoadProgress(0.0, "not started")
-        self._runtime: Runtime | None = None
-
-    @classmethod
-    def from_runtime(cls, runtime: Runtime, source: str | os.PathLike | None = None) -> "ModelManager":
-        """A manager around an already loaded runtime (tests, embedding the service elsewhere)."""
-        manager = cls(runtime.directory if source is None else source, quantization=runtime.quantization)
-        manager._runtime, manager._status = runtime, "ready"
-        manager._progress = LoadProgress(1.0, "ready")
-        manager._finished.set()
-        return manager
-
-    # ------------------------------------------------------------------ state
-    @property
-    def status(self) -> str:
-        """"idle" (not started), "loading", "ready" or "failed"."""
-        return self._status
-
-    @property
-    def progress(self) -> LoadProgress:
-        return self._progress
-
-    @property
-    def error(self) -> str | None:
-        return self._error
-
-    @property
-    def runtime(self) -> Runtime | None:
-        return self._runtime
-
-    @property
-    def is_demo(self) -> bool:
-        try:
-            return Path(self.source).resolve() == DEMO_DIR.resolve()
-        except OSError:
-            return False
-
-    @property
-    def model_name(self) -> str:
-        if self.is_demo:
-            return DEMO_NAME
-        return self._runtime.name if self._runtime else str(self.source)
-
-    # ------------------------------------------------------------------ loading
-    def start(self) -> "ModelManager":
-        """Begin loading in the background (again after a failure); does nothing while loading or ready."""
-        with self._lock:
-            if self._status in ("loading", "ready"):
-                return self
-            self._status, self._error = "loading", None
-            self._progress = LoadProgress(0.0, "opening the checkpoint")
-            self._cancel.clear()
-            self._finished.clear()
-            threading.Thread(target=self._load, name="model-loader", daemon=True).start()
-        return self
-
-    def _load(self) -> None:
-        runtime, error = None, None
-        try:
-            runtime = self._loader(self.source, device=self.device, dtype=self.dtype, quantization=self.quantization,
-                                   progress=self._on_progress, cancel=self._cancel)
-            if self._cancel.is_set():  # quantizing does not check the flag: honour a late cancel here
-                runtime, error = None, "Loading the model was cancelled."
-        except LoadCancelled:
-            error = "Loading the model was cancelled."
-        except LoadError as e:
-            error = str(e)
-        except Exception as e:  # anything else still has to reach the UI instead of dying with the thread
-            log.exception("loading %s failed", self.source)
-            error = f"Could not load the model {self.source}: {type(e).__name__}: {e}"
-        with self._lock:
-            self._runtime, self._error = runtime, error
-            self._status = "ready" if runtime is not None else "failed"
-            self._progress = LoadProgress(1.0, "ready") if runtime else LoadProgress(self._progress.fraction, "failed")
-        self._finished.set()
-
-    def _on_progress(self, stage: str, done: int, total: int) -> None:
-        part = done / total if total else 1.0
-        # The runtime quantizes each layer as its weights are read: one stage, whatever the quantization.
-        text = f"loading and quantizing to {self.quantization}" if self.quantization else "loading weights"
-        self._progress = LoadProgress(min(1.0, part), f"{text} ({done}/{total})")
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the current load to end; True when the model is ready."""
-        self._finished.wait(timeout)
-        return self._status == "ready"
-
-    def cancel(self) -> None:
-        """Stop an in-progress load (the status becomes "failed" with a cancelled message)."""
-        self._cancel.set()
-
-    def require(self) -> Runtime:
-        """The runtime, or a ChatError saying why there is none yet."""
-        runtime = self._runtime
-        if runtime is not None and self._status == "ready":
-            return runtime
-        if self._status == "loading":
-            fraction, stage = self._progress
-            raise ChatError(f"The model is still loading ({fraction:.0%}, {stage}); try again in a moment.")
-        if self._status == "failed":
-            raise ChatError(f"The model failed to load: {self._error}")
-        raise ChatError("The model has not been loaded yet.")
-
-    # ------------------------------------------------------------------ display
-    def banner(self) -> dict:
-        """What the UI shows about the model; `text` is a ready-made one-paragraph summary."""
-        info: dict[str, Any] = {"status": self._status, "model": self.model_name, "demo": self.is_demo,
-                                "hint": None, "progress": self._progress.fraction, "stage": self._progress.stage,
-                                "error": self._error, "device": self.device or "auto", "dtype": self.dtype or "auto",
-                                "quantization": self.quantization or "none", "memory": None, "memory_bytes": None,
-                                "context": None, "image_size": None}
-        if self.is_demo:
-            info["hint"] = ("This is a tiny random demo model: its answers are gibberish. "
-                            f"To load a real checkpoint run: {REAL_MODEL_HINT}")
-        if self._runtime is not None and self._status == "ready":
-            d = self._runtime.describe()
-            info["hint"] = info["hint"] or d["advice"]
-            info.update(device=d["device"], dtype=d["dtype"], quantization=d["quantized_as"],
-                        memory_bytes=d["memory_bytes"], memory=_size(d["memory_bytes"]), context=d["context"],
-                        image_size=d["image_size"])
-        info["facts"] = self._facts(info)
-        info["text"] = self._banner_text(info)
-        return info
-
-    @staticmethod
-    def _facts(info: dict) -> list[tuple[str, str]]:
-        """(label, value) pairs describing the loaded model: the banner's chips, the Model tab's table and the
-        one-line summary are all made from this list."""
-        if info["status"] != "ready":
-            return []
-        facts = [("device", info["device"]), ("dtype", info["dtype"]), ("quantization", info["quantization"]),
-                 ("memory", info["memory"]),
-                 ("context", f"{info['context']} tokens" if info.get("context") else None),
-                 ("image input", f"{info['image_size']} px" if info.get("image_size") else None)]
-        return [(label, str(value)) for label, value in facts if value]
-
-    @staticmethod
-    def _banner_text(info: dict) -> str:
-        if info["status"] == "ready":
-            head = " · ".join([f"Model: {info['model']}", *(f"{k} {v}" for k, v in info["facts"])])
-        elif info["status"] == "loading":
-            head = f"Loading {info['model']}: {info['progress']:.0%} ({info['stage']})"
-        elif info["status"] == "failed":
-            head = f"Model {info['model']} failed to load: {info['error']}"
-        else:
-            head = f"Model {info['model']} is not loaded."
-        return head + (f"\n{info['hint']}" if info["hint"] else "")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 # ====================================================================== chat
@@ -311,6 +126,11 @@ class ChatService:
         self._lock = threading.Lock()
         self._sessions: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._active: dict[str, _Job] = {}  # conversation id -> its queued or running request
+        models.on_unload.append(self._forget_all)
+
+    def switch_model(self, source: str, quantization: str | None = None) -> None:
+        """Load another checkpoint once the answers running or waiting now are done (see ModelManager.switch)."""
+        self.models.switch(source, quantization, scheduler=self.scheduler)
 
     # ------------------------------------------------------------------ streaming operations
     def send(self, conversation_id: str | None, text: str, images: Sequence[ImageInput] = (),
@@ -725,6 +545,10 @@ class ChatService:
                 if len(self._sessions) <= self.max_sessions:
                     break
                 del self._sessions[victim]
+
+    def _forget_all(self) -> None:
+        with self._lock:
+            self._sessions.clear()
 
     def _forget(self, conversation_id: str) -> None:
         with self._lock:

@@ -9,11 +9,9 @@ import re
 from dataclasses import dataclass
 
 from .records import Conversation, ConversationSummary, SearchHit
-from .settings import GenerationSettings, SettingsError
 from .store import Store, StoreError
 
 MAX_IMPORT_BYTES = 512 * 1024 * 1024
-DEFAULT_SETTINGS_KEY = "generation_settings"  # the user's settings for a new chat
 
 
 @dataclass(frozen=True)
@@ -67,25 +65,6 @@ class HistoryService:
         if len(data) > MAX_IMPORT_BYTES:
             raise StoreError("That file is too large to be a conversation export.")
         return self.store.import_conversation(data)
-
-    # ------------------------------------------------------------------ settings kept between visits
-    def settings_for(self, conversation_id: str | None) -> GenerationSettings:
-        """The settings to show: the conversation's own, else the user's last used, else the defaults. Saved
-        values that no longer validate (an older version's) fall back instead of failing the page."""
-        conversation = self.get(conversation_id)
-        for saved in (conversation and conversation.settings, self.store.get_setting(DEFAULT_SETTINGS_KEY)):
-            if saved:
-                try:
-                    return GenerationSettings.from_dict(saved)
-                except SettingsError:
-                    continue
-        return GenerationSettings()
-
-    def remember_settings(self, conversation_id: str | None, settings: GenerationSettings) -> None:
-        """Keep these as the user's defaults and, when given, as the conversation's own."""
-        self.store.set_setting(DEFAULT_SETTINGS_KEY, settings.to_dict())
-        if conversation_id and self.get(conversation_id):
-            self.store.set_conversation_settings(conversation_id, settings.to_dict())
 
     def _existing(self, conversation_id: str | None) -> Conversation:
         conversation = self.get(conversation_id)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .chat_service import ChatError, ChatService, ModelManager
+from .chat_service import ChatService
+from .errors import ChatError
+from .models import ModelManager
 from .history import HistoryService
+from .preferences import Preferences
 from .pdf_pages import PdfError, RenderCancelled
 from .screen_capture import CaptureError
 from .store import Store, StoreError
@@ -20,6 +23,7 @@ class Services:
     models: ModelManager
     chat: ChatService
     history: HistoryService
+    preferences: Preferences
 
     @property
     def attachments_dir(self):
@@ -28,4 +32,5 @@ class Services:
 
     @classmethod
     def build(cls, store: Store, models: ModelManager, **chat_options) -> Services:
-        return cls(store, models, ChatService(store, models, **chat_options), HistoryService(store))
+        history = HistoryService(store)
+        return cls(store, models, ChatService(store, models, **chat_options), history, Preferences(store, history))

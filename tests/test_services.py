@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from app.chat_service import ModelManager
+from app.models import ModelManager
 from app.records import Conversation, SearchHit
 from app.services import Services
 from app.store import Store, StoreError
@@ -95,14 +95,14 @@ def test_import_refuses_a_bad_file_and_keeps_history(services):
 def test_settings_are_kept_for_new_chats_and_per_conversation(services):
     from app.settings import GenerationSettings
 
-    assert services.history.settings_for(None) == GenerationSettings()
+    assert services.preferences.settings_for(None) == GenerationSettings()
     hot = GenerationSettings(temperature=1.3, seed=7, max_new_tokens=6)
     cid = answer(services, None, "first").conversation_id
-    services.history.remember_settings(cid, hot)
-    services.history.remember_settings(None, GenerationSettings(temperature=0.2))  # later, in a new chat
-    assert services.history.settings_for(cid) == hot  # the conversation keeps its own
-    assert services.history.settings_for(None).temperature == 0.2  # a new chat starts from the last used
-    assert services.history.settings_for("no-such-id").temperature == 0.2
+    services.preferences.remember_settings(cid, hot)
+    services.preferences.remember_settings(None, GenerationSettings(temperature=0.2))  # later, in a new chat
+    assert services.preferences.settings_for(cid) == hot  # the conversation keeps its own
+    assert services.preferences.settings_for(None).temperature == 0.2  # a new chat starts from the last used
+    assert services.preferences.settings_for("no-such-id").temperature == 0.2
 
 
 def test_markdown_export_is_a_zip_with_its_images(services):
@@ -116,3 +116,44 @@ def test_markdown_export_is_a_zip_with_its_images(services):
         [image] = [n for n in z.namelist() if not n.endswith(".md")]
         assert f"]({image})" in z.read(md).decode()
         assert Image.open(io.BytesIO(z.read(image))).getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_switching_models_without_a_restart(tmp_path):
+    """A fresh manager (the module's shared one must stay on the demo): switch, chat with the new model,
+    switch back; a bad source is refused before anything is unloaded; a switch waits for the running answer."""
+    from app.errors import ChatError
+    from engine.demo import build_demo
+
+    other = build_demo(tmp_path / "other-model", seed=1)
+    manager = ModelManager(DEMO_DIR).start()
+    assert manager.wait(120), manager.error
+    with Store(tmp_path / "data") as store:
+        services = Services.build(store, manager)
+        first = answer(services, None, "hello")
+        demo_runtime = manager.runtime
+
+        for bad, message in [("", "Give a checkpoint"), (str(tmp_path), "no config.json"),
+                             ("/no/such/dir", "No such checkpoint directory")]:
+            with pytest.raises(ChatError, match=message):
+                services.chat.switch_model(bad)
+        assert manager.status == "ready" and manager.runtime is demo_runtime
+
+        # A switch takes its place in line: it waits for the model's current holder, then cancel keeps the old one.
+        holder = services.chat.scheduler.submit(label="an answer in progress")
+        services.chat.switch_model(str(other))
+        assert manager.status == "loading" and manager.runtime is demo_runtime
+        manager.cancel()
+        holder.release()
+        assert manager.wait(60) and manager.runtime is demo_runtime and manager.source == DEMO_DIR
+
+        services.chat.switch_model(str(other), "8bit")
+        assert manager.wait(120), manager.error
+        assert manager.runtime is not demo_runtime and manager.runtime.directory == other
+        assert manager.banner()["quantization"] != "none" and manager.model_name == "other-model"
+        assert not services.chat._sessions  # the old model's sessions (and KV caches) were let go
+        second = answer(services, first.conversation_id, "hello again")
+        assert second.text and services.history.get(first.conversation_id).messages[-1].status == "complete"
+
+        services.preferences.remember_model(str(other), "8bit")
+        services.preferences.remember_model(str(DEMO_DIR), None)
+        assert [m.label for m in services.preferences.recent_models()] == [str(DEMO_DIR), f"{other} (8bit)"]

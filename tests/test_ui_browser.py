@@ -223,10 +223,17 @@ def open_from_history(page, word: str) -> None:
 
 
 def set_max_new_tokens(page, value: int) -> None:
+    """Type the value, and again if an update still on its way (a New chat restoring the saved settings)
+    overwrote it: it must hold for half a second."""
     open_accordion(page, "settings-panel")
     number = page.locator("#max-new-tokens input[type=number]")
-    number.fill(str(value))
-    number.press("Tab")
+    for _ in range(10):
+        number.fill(str(value))
+        number.press("Tab")
+        page.wait_for_timeout(500)
+        if number.input_value() == str(value):
+            return
+    raise AssertionError(f"max new tokens did not stay at {value}")
 
 
 def upload_pdf(page, path: Path) -> None:
@@ -591,3 +598,33 @@ def test_second_tab_waits_in_line_and_sees_its_place(browser, server, store, sha
     finally:
         set_max_new_tokens(first, 512)
         context.close()
+
+
+def test_switch_models_from_the_model_tab(page, store, tmp_path):
+    from engine.demo import DEMO_DIR, build_demo
+
+    other = build_demo(tmp_path / "second-model", seed=3)
+    page.click("button[role=tab]:has-text('Model')")
+    page.fill("#model-source input, #model-source textarea", str(tmp_path / "missing"))
+    page.click("#model-load-btn")
+    page.wait_for_selector("#model-notice:has-text('No such checkpoint directory')")
+    page.fill("#model-source input, #model-source textarea", str(other))
+    page.click("#model-load-btn")
+    page.wait_for_selector("#model-banner .model-name:has-text('second-model')", timeout=60_000)
+    page.wait_for_selector("#model-banner .status-dot.ready")
+    page.click("button[role=tab]:has-text('Chat')")
+    send(page, "Hello to the second falconmodel")
+    wait_answer_finished(page)
+    answer = find_conversation(store, "falconmodel")["messages"][-1]
+    assert answer["status"] == "complete" and answer["model"] == "second-model"
+
+    # Back to the demo through the list of recent models (the rest of this module chats with it).
+    page.click("button[role=tab]:has-text('Model')")
+    page.fill("#model-source input, #model-source textarea", str(DEMO_DIR))
+    page.click("#model-load-btn")
+    page.wait_for_selector("#model-banner .model-name:has-text('demo')", timeout=60_000)
+    page.wait_for_selector("#model-banner .status-dot.ready")
+    page.click("#recent-models input")
+    page.wait_for_selector("[role=option]:has-text('second-model')")
+    page.keyboard.press("Escape")
+    page.click("button[role=tab]:has-text('Chat')")

@@ -66,7 +66,7 @@ def build_ui(services: Services) -> gr.Blocks:
             with gr.Tab("Chat", id="chat", elem_id="chat-tab"):
                 chat = ChatTab(services, conv)
             with gr.Tab("Model", id="model", elem_id="model-tab"):
-                model = ModelTab(services.models, banner)
+                model = ModelTab(services, banner)
         chat.build_tools()  # the right-hand side panel
 
         chat.wire(after_change=[(history.refresh, [conv], [history.list, history.rename_box])])
@@ -78,6 +78,6 @@ def build_ui(services: Services) -> gr.Blocks:
                     chat.meter: chat.refresh_meter(conversation_id, value, max_new_tokens)}
 
         demo.load(on_load, chat.meter_inputs, [history.list, history.rename_box, model.banner, model.details,
-                                               chat.meter, chat.monitor, chat.screen_note, *chat.settings.inputs],
-                  **QUIET)
+                                               model.recent, chat.meter, chat.monitor, chat.screen_note,
+                                               *chat.settings.inputs], **QUIET)
     return demo

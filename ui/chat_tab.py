@@ -46,6 +46,7 @@ class ChatTab:
 
     def __init__(self, services: Services, conv: gr.State):
         self.chat, self.history, self.models = services.chat, services.history, services.models
+        self.preferences = services.preferences
         self.conv = conv  # the open conversation's id; None: a new chat (created on the first send)
         self.ids = gr.State([])  # the message id behind each chatbot message
         self.selected = gr.State(None)  # message id picked in the transcript (target of Delete turn)
@@ -136,7 +137,7 @@ class ChatTab:
         messages, message_ids = views.transcript(conversation)
         return {self.conv: conversation.id if conversation else None, self.chatbot: messages, self.ids: message_ids,
                 self.selected: None, self.editing: False, self.edit_bar: gr.update(visible=False), self.stats: "",
-                **self.settings.show(self.history.settings_for(conversation.id if conversation else None)),
+                **self.settings.show(self.preferences.settings_for(conversation.id if conversation else None)),
                 **self.actions(bool(message_ids)), **hide(self.notice)}
 
     def transcript_updates(self, conversation_id: str | None) -> dict:
@@ -178,7 +179,7 @@ class ChatTab:
                 messages, update = self._begin(conversation_id, event.message_id, place, clear_input)
                 clear_input = False  # once: the user may type the next message while this one waits
                 if event.kind == "started":
-                    self.history.remember_settings(conversation_id, settings)  # for the next visit and new chats
+                    self.preferences.remember_settings(conversation_id, settings)  # for the next visit and new chats
                     last = time.monotonic()
                 yield update
             elif event.kind == "delta":
@@ -355,7 +356,7 @@ class ChatTab:
         """A (re)loaded page: the monitors of this machine, and the settings the user left."""
         choices, default, note = monitor_choices()
         return {self.monitor: gr.update(choices=choices, value=default), self.screen_note: note,
-                **self.settings.show(self.history.settings_for(conversation_id))}
+                **self.settings.show(self.preferences.settings_for(conversation_id))}
 
     # ------------------------------------------------------------------ wiring
     def wire(self, after_change: list[tuple]) -> None:
@@ -385,7 +386,7 @@ class ChatTab:
         then_refresh(self.delete_turn_btn.click(g(self.delete_turn), [self.conv, self.ids, self.selected],
                                                 [self.chatbot, self.ids, self.selected, self.stats, self.notice,
                                                  *self.action_buttons], **QUIET))
-        self.settings.wire(self.history)
+        self.settings.wire(self.preferences)
         self.input.change(g(self.check_attachments), [self.input, self.checked], [self.input, self.checked, self.notice],
                           trigger_mode="always_last", **QUIET).then(*meter, **QUIET)
         self.max_new.release(*meter, **QUIET)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app.history import HistoryService
+from app.preferences import Preferences
 from app.settings import FIELDS, GenerationSettings, SettingsError
 
 
@@ -40,13 +40,13 @@ class SettingsPanel:
         values = settings.to_ui()
         return {widget: values[name] for name, widget in self.widgets.items()}
 
-    def wire(self, history: HistoryService) -> None:
+    def wire(self, preferences: Preferences) -> None:
         """Keep what the user sets as their defaults at once, so a reload keeps it even before a send. Only
         the user's own edits count (`input`), not the panel being filled from an opened conversation."""
 
         def keep(*values):
             try:
-                history.remember_settings(None, self.read(values))
+                preferences.remember_settings(None, self.read(values))
             except SettingsError:
                 pass  # half-typed; the send names the bad setting
 
