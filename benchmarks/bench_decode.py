@@ -24,9 +24,9 @@ from accelerate import init_empty_weights
 from transformers import DynamicCache, LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
-from engine import native
-from engine.cpu_bf16 import upcast_matmuls
-from engine.cpu_quant import Int8Linear, NF4Linear
+from engine.kernels import native
+from engine.kernels.bf16 import upcast_matmuls
+from engine.kernels.quant import Int8Linear, NF4Linear
 from engine.model.llama import KVCache, LlamaForCausalLM
 
 # deepseek-vl-1.3b-chat's language_config

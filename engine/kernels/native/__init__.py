@@ -131,6 +131,12 @@ def status() -> str:
     return _state["reason"]
 
 
+def reset() -> None:
+    """Decide again at the next use (tests change DSVL_NATIVE); a built library stays cached on disk."""
+    with _lock:
+        _state.clear()
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)  # the kernels have no backward
 

@@ -1,4 +1,4 @@
-"""engine/native's decode kernels and the int8 linear built on them, against float references."""
+"""engine/kernels: the native decode kernels, the quantized linears built on them, and the dispatch, against float references."""
 
 import contextlib
 import os
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine import native
-from engine.cpu_quant import Int8Linear, quantize_rows
+from engine.kernels import native
+from engine.kernels.quant import Int8Linear, quantize_rows
 from tests.conftest import REPO
 
 SUPPORTED = native._cpu_supported() is None
@@ -80,7 +80,7 @@ def test_kernels_decline_what_they_cannot_do():
 
 
 def test_disabled_by_environment():
-    code = "from engine import native; print(native.kernels() is None, native.status())"
+    code = "from engine.kernels import native; print(native.kernels() is None, native.status())"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                          env={**os.environ, "DSVL_NATIVE": "0"}).stdout
     assert out.strip() == "True disabled by DSVL_NATIVE=0"
@@ -91,7 +91,7 @@ def test_a_broken_compiler_falls_back_with_the_reason(tmp_path):
     fake = tmp_path / "cc"
     fake.write_text("#!/bin/sh\necho 'fatal: no such thing' >&2\nexit 1\n")
     fake.chmod(0o755)
-    code = "from engine import native; print(native.kernels() is None); print(native.status())"
+    code = "from engine.kernels import native; print(native.kernels() is None); print(native.status())"
     env = {**os.environ, "CC": str(fake), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True, env=env)
     first, reason = out.stdout.strip().splitlines()
@@ -210,7 +210,8 @@ def test_rmsnorm_matches_the_pytorch_form(dtype):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_in_place_matches_apply_rotary(dtype):
-    from engine.model.llama import Rotary, apply_rotary
+    from engine.kernels import apply_rotary
+    from engine.model.llama import Rotary
 
     cos, sin = Rotary(128, 10000.0)(torch.tensor([[777]]), dtype)
     cos, sin = cos[:, None], sin[:, None]  # [1, 1, 1, D]
@@ -223,7 +224,7 @@ def test_rotary_in_place_matches_apply_rotary(dtype):
 
 # ------------------------------------------------------------------ NF4 (bitsandbytes' 4-bit format)
 def _nf4(N, K, seed):
-    from engine.cpu_quant import NF4Linear
+    from engine.kernels.quant import NF4Linear
 
     linear = nn.Linear(K, N, bias=False)
     with torch.no_grad():
