@@ -174,7 +174,7 @@ def quantize_groups(weight: torch.Tensor, group: int, chunk: int = 256) -> tuple
     codes = torch.empty(N, K, dtype=torch.int32)
     scale_zero = torch.empty(K // group, N, 2, dtype=torch.bfloat16)
     for start in range(0, N, chunk):
-        w = weight[start:start + chunk].detach().float().view(-1, K // group, group)
+        w = weight[start:start + chunk].detach().to(torch.float32, copy=True).view(-1, K // group, group)  # changed in place below
         low, high = w.amin(-1), w.amax(-1)
         # Rounded to bf16 first, and the codes computed against the rounded values: what the kernel multiplies by.
         scale = ((high - low) / 15).clamp_min(torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)
