@@ -12,9 +12,9 @@ paper's image features pass through them). Backends:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+import importlib.util
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ def _quantized_linear(linear: nn.Linear, mode: str, compute_dtype: torch.dtype, 
 
 def pick_backend(mode: str, device, backend: str = "auto") -> str:
     """`auto`: the engine's CPU kernels on the CPU (int8 for 8-bit; nf4 for 4-bit, or int4 without native
-    kernels), bitsandbytes elsewhere."""
+    kernels or bitsandbytes), bitsandbytes elsewhere."""
     if mode not in MODES:
         raise QuantizationError(f"unknown quantization {mode!r}; choose one of {MODES}")
     if backend not in BACKENDS:
@@ -63,7 +63,9 @@ def pick_backend(mode: str, device, backend: str = "auto") -> str:
         if mode == "8bit":
             return "int8"  # without native kernels, torch._weight_int8pack_mm is still faster than bf16
         # NF4 has no PyTorch kernel: without native ones it would dequantize every matrix every token.
-        return "nf4" if native.kernels() is not None else "int4"
+        # (bitsandbytes computes the NF4 weights; without it, int4 needs nothing beyond PyTorch.)
+        has_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
+        return "nf4" if native.kernels() is not None and has_bitsandbytes else "int4"
     if backend in CPU_BACKENDS and CPU_BACKENDS[backend][0] != mode:
         raise QuantizationError(f"the {backend} backend does {CPU_BACKENDS[backend][0]} only, not {mode}")
     if backend == "int4" and torch.device(device).type != "cpu":

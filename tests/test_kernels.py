@@ -264,14 +264,16 @@ def test_gemv_nf4_is_exact_integer_arithmetic(N, K, dtype):
     assert ((y.double() - reference).abs() <= tolerance).all()
 
 
-def test_nf4_linear_close_to_the_float_linear():
-    linear, q = _nf4(96, 256, 3)
+# NF4's own error on Gaussian weights is ~9%; int4's measured ~8.5% (16 levels over each group's range).
+@pytest.mark.parametrize("kind, bound", [("nf4", 0.12), ("int4", 0.10)])
+def test_4bit_linear_close_to_the_float_linear(kind, bound):
+    linear, q = {"nf4": _nf4, "int4": _int4}[kind](96, 256, 3)
     for rows in (1, 5):
         x = torch.randn(1, rows, 256, generator=torch.Generator().manual_seed(rows))
         with torch.no_grad():
             expected = linear(x)
             y = q(x)
-        assert (y - expected).norm() / expected.norm() < 0.12  # NF4's own error on Gaussian weights is ~9%
+        assert (y - expected).norm() / expected.norm() < bound
 
 
 # ------------------------------------------------------------------ int4 (PyTorch's own kernel, no compiler needed)
@@ -315,17 +317,6 @@ def test_int4_kernel_computes_its_own_dequantized_product(rows, dtype):
     magnitude = x16.abs() @ weight.abs().T  # what a dot product's rounding is relative to
     # bf16 result (half a step: 2^-9), fp32 sums in another order.
     assert ((y.float() - reference).abs() <= 2**-8 * reference.abs() + 2**-12 * magnitude).all()
-
-
-def test_int4_linear_close_to_the_float_linear():
-    linear, q = _int4(96, 256, 3)
-    for rows in (1, 5):
-        x = torch.randn(1, rows, 256, generator=torch.Generator().manual_seed(rows))
-        with torch.no_grad():
-            expected = linear(x)
-            y = q(x)
-        # Measured ~8.5% (16 levels over each group's range, Gaussian weights): NF4's 9% or better.
-        assert (y - expected).norm() / expected.norm() < 0.10
 
 
 def test_int4_gradient_flows_to_the_input():
