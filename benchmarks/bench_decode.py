@@ -145,7 +145,7 @@ def matmuls(model):
 
 
 def native_matmuls(model):
-    """The same 169 products through engine/native's bf16 kernel."""
+    """The same 169 products through the native bf16 kernel (engine/kernels/native)."""
     weights = decode_weights(model)
     inputs = {w.shape[1]: torch.randn(1, w.shape[1]).to(w.dtype) for w in weights}
     return lambda: [native.gemv_bf16(inputs[w.shape[1]], w) for w in weights]

@@ -360,6 +360,8 @@ def test_backends_name_the_native_kernels_where_they_run():
     assert kernels.summary("cpu", torch.bfloat16, "4bit", "nf4") == "native AVX2 NF4"
     assert kernels.summary("cpu", torch.bfloat16, "4bit", "int4") == "PyTorch int4, groups of 64 (--quant-backend int4)"
     assert "slow on a CPU" in kernels.summary("cpu", torch.bfloat16, "4bit", "bitsandbytes")
+    with native.disabled():  # what this thread runs, not what the process could
+        assert kernels.summary("cpu", torch.bfloat16) == "PyTorch bf16 (native kernels off in this thread)"
 
 
 def test_backends_without_native_kernels_say_why(native_off):
