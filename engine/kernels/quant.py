@@ -48,7 +48,8 @@ def quantize_rows(weight: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor,
 
 
 class QuantizedLinear(nn.Module):
-    """A frozen nn.Linear in a packed form. Subclasses say how to build it, multiply one row, and dequantize."""
+    """A frozen nn.Linear in a packed form. Subclasses say how to build it, multiply one row (and maybe several),
+    and dequantize."""
 
     kind = ""
 
@@ -62,13 +63,13 @@ class QuantizedLinear(nn.Module):
         """x holding one row → the product, or None when no fast path applies."""
         raise NotImplementedError
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight [N, K] as floats."""
-        raise NotImplementedError
-
     def many_rows(self, x: torch.Tensor) -> torch.Tensor | None:
         """x holding several rows → the product, or None to dequantize (the default: see the module's note)."""
         return None
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [N, K] as floats."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.one_row(x) if x.numel() == self.in_features else self.many_rows(x)  # one row: memory-bound
