@@ -4,7 +4,10 @@ Builds the real LM architecture (hidden 2048, 24 layers, vocab 102400) with rand
 downloaded), fills a KV cache with a ~600-token context, then times one-token decode steps exactly as
 engine/generation.py runs them. Both models share the same weight tensors, so only one copy (~3.3 GB) is held.
 
-    .venv/bin/python benchmarks/bench_decode.py [--context 600] [--steps 40] [--profile]
+    .venv/bin/python benchmarks/bench_decode.py [--context 600] [--steps 40] [--profile] [--only hf|ours|kernels]
+
+`--only kernels`: bf16, 8-bit and 4-bit each with and without the native kernels (as DSVL_NATIVE=0), no
+transformers. Every engine row also gives the error of its decoder's weight products against fp32 ones.
 
 Not part of the test suite. Results go in benchmarks/RESULTS.md by hand.
 """
@@ -24,9 +27,9 @@ from accelerate import init_empty_weights
 from transformers import DynamicCache, LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
-from engine import native
-from engine.cpu_bf16 import upcast_matmuls
-from engine.cpu_quant import Int8Linear, NF4Linear
+from engine.kernels import native
+from engine.kernels.bf16 import upcast_matmuls
+from engine.kernels.quant import Int4Linear, Int8Linear, NF4Linear
 from engine.model.llama import KVCache, LlamaForCausalLM
 
 # deepseek-vl-1.3b-chat's language_config
@@ -115,6 +118,20 @@ def decode_modules(model) -> list[torch.nn.Module]:
                       layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
 
 
+def product_error(model, reference, use_native: bool) -> float:
+    """How far `model`'s 168 decoder products are from fp32 ones with `reference`'s (unquantized) weights, one
+    random bf16 row each: sqrt(Σ|y - y_fp32|²) / sqrt(Σ|y_fp32|²). Quantization error plus bf16 rounding."""
+    g = torch.Generator().manual_seed(2)
+    error = norm = 0.0
+    with torch.inference_mode(), (contextlib.nullcontext() if use_native else native.disabled()):
+        for module, original in zip(decode_modules(model), decode_modules(reference)):
+            x = torch.randn(1, original.in_features, generator=g).to(torch.bfloat16)
+            exact = x.float() @ original.weight.float().T
+            error += float((module(x).float() - exact).pow(2).sum())
+            norm += float(exact.pow(2).sum())
+    return (error / norm) ** 0.5
+
+
 def decode_weights(model) -> list[torch.Tensor]:
     """The matrices one decode step reads, in order: 24 x 7 layer weights, then the lm_head."""
     return [m.weight for m in decode_modules(model)] + [model.lm_head.weight]
@@ -128,7 +145,7 @@ def matmuls(model):
 
 
 def native_matmuls(model):
-    """The same 169 products through engine/native's bf16 kernel."""
+    """The same 169 products through the native bf16 kernel (engine/kernels/native)."""
     weights = decode_weights(model)
     inputs = {w.shape[1]: torch.randn(1, w.shape[1]).to(w.dtype) for w in weights}
     return lambda: [native.gemv_bf16(inputs[w.shape[1]], w) for w in weights]
@@ -168,7 +185,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
     ap.add_argument("--profile", action="store_true", help="then print torch.profiler tables of 5 more steps")
-    ap.add_argument("--only", choices=["hf", "ours"], default=None)
+    ap.add_argument("--only", choices=["hf", "ours", "kernels"], default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,21 +194,35 @@ def main():
     hf, ours = build()
     ours_native = sharing(ours)
     upcast_matmuls(ours_native)  # what Runtime does for bf16 on a CPU without bf16 instructions
-    hf_cache, (our_cache, native_cache, int8_cache, nf4_cache) = filled_caches(hf.config, args.context, torch.bfloat16, 4)
-    runs = {
-        "transformers LlamaForCausalLM + DynamicCache": Decoder(hf, hf_cache),
-        "engine, PyTorch kernels only (DSVL_NATIVE=0)": Decoder(ours, our_cache, use_native=False),
-        "(floor: the 169 weight matmuls alone)": torch.inference_mode()(matmuls(ours)),
-        "(yardstick: Tensor.sum over the same weights)": torch.inference_mode()(reads(ours)),
-    }
-    if native.kernels() is not None:
-        runs["engine, native GEMV + attention (the default)"] = Decoder(ours_native, native_cache)
-        runs["(floor: the 169 products, native kernel)"] = torch.inference_mode()(native_matmuls(ours))
-    else:
+    int8 = quantized_decoder(sharing(ours), Int8Linear)
+    nf4 = quantized_decoder(sharing(ours), NF4Linear)
+    int4 = quantized_decoder(sharing(ours), Int4Linear)
+    have_native = native.kernels() is not None
+    if not have_native:
         print(f"native kernels not used: {native.status()}")
-    runs["engine, --load-8bit (int8 decoder, bf16 lm_head)"] = Decoder(quantized_decoder(sharing(ours), Int8Linear), int8_cache)
-    runs["engine, --load-4bit (nf4 decoder, bf16 lm_head)"] = Decoder(quantized_decoder(sharing(ours), NF4Linear), nf4_cache)
-    if args.only:
+    # name: (model, uses the native kernels); the rows without them run as under DSVL_NATIVE=0
+    engine_rows = {
+        "engine, native GEMV + attention (the default)": (ours_native, True),
+        "engine, PyTorch kernels only (DSVL_NATIVE=0)": (ours, False),
+        "engine, --load-8bit (int8 decoder, bf16 lm_head)": (int8, True),
+        "engine, --load-8bit, DSVL_NATIVE=0 (torch int8)": (int8, False),
+        "engine, --load-4bit (nf4 decoder, bf16 lm_head)": (nf4, True),
+        "engine, --load-4bit, DSVL_NATIVE=0 (torch int4)": (int4, False),
+        "engine, --quant-backend int4 (native attention etc.)": (int4, True),
+    }
+    engine_rows = {name: row for name, row in engine_rows.items() if have_native or not row[1]}
+    hf_cache, our_caches = filled_caches(hf.config, args.context, torch.bfloat16, len(engine_rows))
+    runs = {}
+    if args.only != "kernels":
+        runs["transformers LlamaForCausalLM + DynamicCache"] = Decoder(hf, hf_cache)
+        runs["(floor: the 169 weight matmuls alone)"] = torch.inference_mode()(matmuls(ours))
+        runs["(yardstick: Tensor.sum over the same weights)"] = torch.inference_mode()(reads(ours))
+        if have_native:
+            runs["(floor: the 169 products, native kernel)"] = torch.inference_mode()(native_matmuls(ours))
+    for (name, (model, use_native)), cache in zip(engine_rows.items(), our_caches):
+        runs[name] = Decoder(model, cache, use_native=use_native)
+    errors = {name: product_error(model, ours, use_native) for name, (model, use_native) in engine_rows.items()}
+    if args.only in ("hf", "ours"):
         runs = {name: run for name, run in runs.items() if (args.only == "hf") == name.startswith("transformers")}
     # Round-robin, one step each: the machine's load drifts, and this way every row sees the same drift.
     results: dict[str, list[float]] = {name: [] for name in runs}
@@ -211,19 +242,20 @@ def main():
     gigabytes = sum(w.numel() * w.element_size() for w in decode_weights(ours)) / 1e9
     bytes_read = {name: sum(t.numel() * t.element_size() for m in decode_modules(run.model) for t in m.buffers())
                   / 1e9 + ours.lm_head.weight.numel() * 2 / 1e9
-                  for name, run in runs.items() if "--load" in name}
+                  for name, run in runs.items() if "--load" in name or "int4" in name}
     print(f"\nCPU: {cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {datetime.datetime.now():%Y-%m-%d %H:%M}, "
-          f"1-min load average before the run {load_before[0]:.2f}")
+          f"1-min load average before the run {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     print(f"1.3B LM, bf16, context {args.context} (+ steps), {args.steps} timed steps each after {args.warmup} warm-up; "
-          f"{gigabytes:.2f} GB of weights read per token\n")
-    print(f"| {'implementation':<52} | s/token (median) | tokens/s | min s/token | weights GB/s |")
-    print(f"|{'-' * 54}|------------------|----------|-------------|--------------|")
+          f"{gigabytes:.2f} GB of weights read per token in bf16; error: decoder products vs fp32\n")
+    print(f"| {'implementation':<56} | s/token (median) | tokens/s | min s/token | weights GB/s | error vs fp32 |")
+    print(f"|{'-' * 58}|------------------|----------|-------------|--------------|---------------|")
     for name, times in results.items():
         if times:
             med = statistics.median(times)
             gb = bytes_read.get(name, gigabytes)
-            print(f"| {name:<52} | {med:16.3f} | {1 / med:8.2f} | {min(times):11.3f} | {gb / med:12.1f} |")
+            error = f"{errors[name]:.2%}" if name in errors else "-"
+            print(f"| {name:<56} | {med:16.3f} | {1 / med:8.2f} | {min(times):11.3f} | {gb / med:12.1f} | {error:>13} |")
 
     if args.profile:
         for name, run in runs.items():

@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.cpu_bf16 import native_bf16, upcast_matmuls  # noqa: E402
+from engine.kernels.bf16 import native_bf16, upcast_matmuls  # noqa: E402
 from engine.demo import DEMO_CONFIG, DEMO_DIR  # noqa: E402
 from engine.layouts import to_community  # noqa: E402
 from engine.loading import build_model, fill_random  # noqa: E402

@@ -23,11 +23,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=str(DEMO_DIR), help="checkpoint directory or hub id (default: the embedded demo)")
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--load-4bit", action="store_true",
-                       help="NF4-quantize the language model (bitsandbytes; on CPU multiplied by the engine's kernels)")
+                       help="4-bit-quantize the language model (CPU: NF4 with the native kernels, else PyTorch int4; "
+                            "GPU: bitsandbytes NF4)")
     quant.add_argument("--load-8bit", action="store_true",
                        help="8-bit-quantize the language model (int8 kernels on CPU, bitsandbytes on GPU)")
-    parser.add_argument("--quant-backend", choices=["auto", "bitsandbytes", "int8", "nf4"], default="auto",
-                        help="who quantizes (default auto: the engine's int8/nf4 kernels on CPU, bitsandbytes on GPU)")
+    parser.add_argument("--quant-backend", choices=["auto", "bitsandbytes", "int8", "nf4", "int4"], default="auto",
+                        help="who quantizes (default auto: the engine's int8/nf4 kernels on CPU, int4 for 4-bit "
+                             "without native kernels, bitsandbytes on GPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: by device)")
 
@@ -45,7 +47,7 @@ def load_runtime(args):
                            quant_backend=args.quant_backend, progress=progress)
     info = runtime.describe()
     print(f"\r{info['model']} on {info['device']} ({info['dtype']}, quantization {info['quantized_as']}, "
-          f"{info['memory_bytes'] / 2**20:.0f} MiB)", file=sys.stderr)
+          f"{info['memory_bytes'] / 2**20:.0f} MiB; {info['backend']})", file=sys.stderr)
     if info["advice"]:
         print(f"note: {info['advice']}", file=sys.stderr)
     return runtime
@@ -129,9 +131,11 @@ def inspect(args) -> int:
 
     import torch
 
+    from . import kernels
     from .loading import build_model, read_config, resolve_directory
     from .model.config import deepseek_vl_1_3b, deepseek_vl_7b
-    from .runtime import estimate_bytes
+    from .quantize import pick_backend
+    from .runtime import estimate_bytes, pick_device
 
     presets = {"1.3b": deepseek_vl_1_3b, "7b": deepseek_vl_7b}
     config = presets[args.model]() if args.model in presets else read_config(resolve_directory(args.model))[0]
@@ -149,6 +153,18 @@ def inspect(args) -> int:
                        for name, dtype, q in (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
                                               ("8bit", torch.bfloat16, "8bit"), ("4bit", torch.bfloat16, "4bit"))},
     }
+    # What would run each kind of operation on this machine, as `chat` would load it by default.
+    device = pick_device(None)
+    dtypes = {"bf16": (torch.bfloat16, None), "8bit": (torch.bfloat16, "8bit"), "4bit": (torch.bfloat16, "4bit")}
+    if device.type == "cpu":
+        dtypes = {"fp32": (torch.float32, None), **dtypes}
+    report["device"] = str(device)
+    report["native_kernels"] = kernels.native.status() if device.type == "cpu" else "not used off the CPU"
+    report["backends"] = {}
+    for name, (dtype, quantization) in dtypes.items():
+        backend = pick_backend(quantization, device) if quantization else None
+        report["backends"][name] = {"summary": kernels.summary(device, dtype, quantization, backend),
+                                    **kernels.backends(device, dtype, quantization, backend)}
     print(json.dumps(report, indent=1))
     return 0
 
@@ -176,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(run=chat)
 
-    p = sub.add_parser("inspect", help="architecture, parameter count and memory need, without loading weights")
+    p = sub.add_parser("inspect", help="architecture, parameter count, memory need and the kernels that would run, "
+                                       "without loading weights")
     p.add_argument("--model", default="1.3b", help="'1.3b', '7b', a checkpoint directory or hub id")
     p.set_defaults(run=inspect)
 

@@ -1,30 +1,31 @@
 """4/8-bit loading: only the language model's decoder linears are quantized.
 
 Vision towers, adaptor, embeddings and lm_head stay in the compute dtype (they are small, or sensitive: the
-paper's image features pass through them). Two backends:
+paper's image features pass through them). Backends:
 - bitsandbytes (NF4 with double quantization, or LLM.int8): the default on GPUs. It works on the CPU too
   (bitsandbytes ≥ 0.45), but slowly: measured 8-36x slower per token than bf16 there.
-- int8 and nf4 (`engine/cpu_quant.py`): the defaults on the CPU, where they decode faster than bf16 instead of
-  slower. int8 rows + scales for 8-bit; for 4-bit the very NF4 weights bitsandbytes computes, multiplied in
-  their packed form by `engine/native`.
+- int8, nf4 and int4 (`engine/kernels/quant.py`): the defaults on the CPU, where they decode faster than bf16
+  instead of slower. int8 rows + scales for 8-bit. For 4-bit, the very NF4 weights bitsandbytes computes,
+  multiplied in their packed form by the native kernels; where those do not run (no C compiler, DSVL_NATIVE=0),
+  PyTorch's own group-wise int4 instead (other numbers than NF4, about as accurate).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+import importlib.util
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from . import cpu_quant, native
+from .kernels import native, quant
 from .loading import LinearSwap, set_module
 
 MODES = ("8bit", "4bit")
-BACKENDS = ("auto", "bitsandbytes", "int8", "nf4")
+BACKENDS = ("auto", "bitsandbytes", "int8", "nf4", "int4")
 DECODER_LINEAR = re.compile(r"^language_model\.model\.layers\.\d+\.(self_attn|mlp)\.\w+$")
-CPU_BACKENDS = {"int8": ("8bit", cpu_quant.Int8Linear), "nf4": ("4bit", cpu_quant.NF4Linear)}
+CPU_BACKENDS = {"int8": ("8bit", quant.Int8Linear), "nf4": ("4bit", quant.NF4Linear), "int4": ("4bit", quant.Int4Linear)}
 
 
 class QuantizationError(RuntimeError):
@@ -50,7 +51,8 @@ def _quantized_linear(linear: nn.Linear, mode: str, compute_dtype: torch.dtype, 
 
 
 def pick_backend(mode: str, device, backend: str = "auto") -> str:
-    """`auto`: the engine's CPU kernels (int8 for 8-bit, nf4 for 4-bit) on the CPU, bitsandbytes elsewhere."""
+    """`auto`: the engine's CPU kernels on the CPU (int8 for 8-bit; nf4 for 4-bit, or int4 without native
+    kernels or bitsandbytes), bitsandbytes elsewhere."""
     if mode not in MODES:
         raise QuantizationError(f"unknown quantization {mode!r}; choose one of {MODES}")
     if backend not in BACKENDS:
@@ -60,10 +62,14 @@ def pick_backend(mode: str, device, backend: str = "auto") -> str:
             return "bitsandbytes"
         if mode == "8bit":
             return "int8"  # without native kernels, torch._weight_int8pack_mm is still faster than bf16
-        # NF4 has no PyTorch one-row kernel: without native ones it would dequantize every matrix every token.
-        return "nf4" if native.kernels() is not None else "bitsandbytes"
+        # NF4 has no PyTorch kernel: without native ones it would dequantize every matrix every token.
+        # (bitsandbytes computes the NF4 weights; without it, int4 needs nothing beyond PyTorch.)
+        has_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
+        return "nf4" if native.kernels() is not None and has_bitsandbytes else "int4"
     if backend in CPU_BACKENDS and CPU_BACKENDS[backend][0] != mode:
         raise QuantizationError(f"the {backend} backend does {CPU_BACKENDS[backend][0]} only, not {mode}")
+    if backend == "int4" and torch.device(device).type != "cpu":
+        raise QuantizationError("the int4 backend runs on the CPU only (PyTorch's int4 CPU kernel)")
     return backend
 
 
@@ -75,7 +81,7 @@ def is_decoder_linear(name: str) -> bool:
 def linear_swap(mode: str, compute_dtype: torch.dtype, device, backend: str = "auto") -> tuple[LinearSwap, str]:
     """What to replace and with what, for loading (layer by layer) or for a model in memory; and the backend."""
     backend = pick_backend(mode, device, backend)
-    if backend != "int8":  # nf4 quantizes with bitsandbytes too
+    if backend in ("bitsandbytes", "nf4"):  # nf4 quantizes with bitsandbytes too
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as e:

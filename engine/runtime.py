@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from . import native
-from .cpu_bf16 import native_bf16, upcast_matmuls
+from . import kernels
+from .kernels import native
+from .kernels.bf16 import native_bf16, upcast_matmuls
 from .loading import LoadError, Progress, load_model
 from .model.config import VLConfig
 from .model.vlm import DeepSeekVL
@@ -98,7 +99,7 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype
     quantization: str | None
-    quant_backend: str | None = None  # "bitsandbytes", "int8" or "nf4" when quantized
+    quant_backend: str | None = None  # "bitsandbytes", "int8", "nf4" or "int4" when quantized
 
     @classmethod
     def load(
@@ -146,9 +147,14 @@ class Runtime:
         """A hint when the chosen setup is known to be slow, else None."""
         if self.device.type == "cpu" and self.quant_backend == "bitsandbytes":
             return (f"{self.quantization} through bitsandbytes on a CPU saves memory but decodes many times slower "
-                    "than bf16 (measured 8x for NF4, 36x for LLM.int8); the default --quant-backend auto uses the "
-                    "engine's CPU kernels instead, which are faster than bf16.")
+                    "than bf16 (measured 8x for NF4, 36x for LLM.int8); the default, --quant-backend auto, uses the "
+                    "engine's CPU kernels instead (int8, nf4, or int4 without native kernels), which are faster "
+                    "than bf16.")
         return None
+
+    def backends(self) -> dict[str, str]:
+        """{kind of operation: what runs it}, e.g. {"int8 matmul (decode)": "native AVX2 int8", ...}."""
+        return kernels.backends(self.device, self.dtype, self.quantization, self.quant_backend)
 
     def describe(self) -> dict:
         return {
@@ -159,6 +165,8 @@ class Runtime:
             "quant_backend": self.quant_backend or "none",
             "quantized_as": f"{self.quantization} ({self.quant_backend})" if self.quantization else "none",
             "advice": self.advice(),
+            "backend": kernels.summary(self.device, self.dtype, self.quantization, self.quant_backend),
+            "backends": self.backends(),
             "memory_bytes": model_bytes(self.model),
             "context": self.config.max_context,
             "image_tokens": self.config.num_image_tokens,

@@ -31,6 +31,8 @@ def test_8bit_chat_on_cpu_uses_the_int8_kernels_and_says_so():
     result = run(["chat", "--load-8bit", "--device", "cpu", "--max-new-tokens", "4"], "hello\n/exit\n")
     assert result.returncode == 0, result.stderr
     assert "(bfloat16, quantization 8bit (int8)" in result.stderr
+    kernel = result.stderr.split("MiB; ", 1)[1].splitlines()[0]
+    assert kernel.startswith(("native AVX2 int8", "PyTorch int8 (")), kernel  # and why, when not native
     assert result.stdout.count("Assistant:") == 1
 
 
@@ -49,6 +51,21 @@ def test_inspect_the_7b_without_weights():
     report = json.loads(result.stdout)
     assert report["parameters"] == 7_343_990_017
     assert report["image_tokens"] == 576 and report["input_size"] == 1024
+
+
+def test_inspect_says_which_kernels_would_run_with_and_without_native_ones():
+    import os
+
+    on = json.loads(run(["inspect", "--model", "1.3b"]).stdout)
+    off = json.loads(subprocess.run([sys.executable, "-m", "engine", "inspect", "--model", "1.3b"], capture_output=True,
+                                    text=True, cwd=REPO, timeout=300, env={**os.environ, "DSVL_NATIVE": "0"}).stdout)
+    assert set(on["backends"]) == {"fp32", "bf16", "8bit", "4bit"} and on["device"] == "cpu"
+    if on["native_kernels"] == "loaded":
+        assert on["backends"]["4bit"]["summary"] == "native AVX2 NF4"
+        assert on["backends"]["8bit"]["int8 matmul (decode)"] == "native AVX2 int8"
+    assert off["native_kernels"] == "disabled by DSVL_NATIVE=0"
+    assert off["backends"]["4bit"]["summary"] == "PyTorch int4, groups of 64 (DSVL_NATIVE=0)"
+    assert off["backends"]["bf16"]["attention (decode)"] == "PyTorch matmul + softmax (DSVL_NATIVE=0)"
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

@@ -1,14 +1,14 @@
-"""4/8-bit quantization of the language model on the CPU: real bitsandbytes, and the engine's int8/NF4 kernels."""
+"""4/8-bit quantization of the language model on the CPU: real bitsandbytes, and the engine's int8/NF4/int4 kernels."""
 
 import pytest
 import torch
 from torch import nn
 
-from engine import native
 from engine.chat import ChatSession
-from engine.cpu_quant import Int8Linear
 from engine.demo import DEMO_DIR
 from engine.generation import SamplingParams
+from engine.kernels import native
+from engine.kernels.quant import Int8Linear
 from engine.loading import LoadError
 from engine.quantize import QuantizationError, pick_backend, quantize_language_model
 from engine.runtime import Runtime, estimate_bytes, model_bytes
@@ -33,6 +33,7 @@ def _logits(runtime, ids=torch.tensor([[1, 40, 41, 42, 43, 44]])):
     ("4bit", "bitsandbytes", "Linear4bit", 0.97),
     ("8bit", "int8", "Int8Linear", 0.999),
     ("4bit", "nf4", "NF4Linear", 0.97),
+    ("4bit", "int4", "Int4Linear", 0.97),
 ])
 def test_quantized_load(full, mode, backend, linear_type, similarity):
     quant = Runtime.load(DEMO_DIR, dtype="bf16", quantization=mode, quant_backend=backend)
@@ -72,14 +73,18 @@ def test_unknown_quantization_mode(full):
         pick_backend("4bit", "cpu", "int8")
     with pytest.raises(QuantizationError, match="does 4bit only, not 8bit"):
         pick_backend("8bit", "cpu", "nf4")
+    with pytest.raises(QuantizationError, match="does 4bit only, not 8bit"):
+        pick_backend("8bit", "cpu", "int4")
+    with pytest.raises(QuantizationError, match="int4 backend runs on the CPU only"):
+        pick_backend("4bit", "cuda", "int4")
 
 
 def test_automatic_backend_is_the_engines_kernels_on_cpu_and_bitsandbytes_elsewhere():
     assert pick_backend("8bit", "cpu") == "int8"
     assert pick_backend("4bit", "cpu") == "nf4"
-    with native.disabled():  # no native kernels: int8 still has a PyTorch kernel, NF4 does not
+    with native.disabled():  # no native kernels: int8 still has a PyTorch kernel, NF4 does not, int4 does
         assert pick_backend("8bit", "cpu") == "int8"
-        assert pick_backend("4bit", "cpu") == "bitsandbytes"
+        assert pick_backend("4bit", "cpu") == "int4"
     assert pick_backend("8bit", "cuda") == "bitsandbytes"
     assert pick_backend("4bit", "cuda:0") == "bitsandbytes"
 

@@ -11,8 +11,8 @@ Same module tree, so the official checkpoint keys load unchanged:
     lm_head                                   [V, C]
 
 Written for CPU decoding (one token at a time, batch 1): the KV cache is preallocated and grows by doubling
-instead of concatenating every step, a one-token query uses two small matmuls instead of an SDPA kernel, and
-the lm_head runs only on the positions asked for. The maths follows transformers' Llama exactly (float32 RMS
+instead of concatenating every step, and the lm_head runs only on the positions asked for. RMSNorm, rotary and
+attention call `engine/kernels`, which picks a native C kernel or PyTorch for each (one place for that choice). The maths follows transformers' Llama exactly (float32 RMS
 statistics, float32 rotary angles cast to the model dtype, HF's rotate_half convention), so logits match it.
 
 Shapes: B batch, T new tokens, S tokens attended to (cached + new), C hidden, H query heads, Hkv key/value
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import native
+from .. import kernels
 
 
 # ------------------------------------------------------------------ KV cache
@@ -106,14 +106,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in float32 even for bf16 activations; cast back before the weight, as HF does.
-        # (F.rms_norm gives the same bits but was ~0.5 ms/token slower per layer here: its CPU kernel
-        # goes multi-threaded even for one 2048-vector, and waiting on a busy second core is costly.)
-        if x.numel() == x.shape[-1] and (y := native.rmsnorm(x, self.weight, self.eps)) is not None:
-            return y  # decoding: one C call instead of seven small ops
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return kernels.rmsnorm(x, self.weight, self.eps)  # float32 statistics, as HF
 
 
 class Rotary:
@@ -139,17 +132,6 @@ class Rotary:
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    # HF convention: the two halves of the head dim form the (real, imaginary) pairs.
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D]; cos, sin [B, 1, T, D]."""
-    return x * cos + rotate_half(x) * sin
-
-
 class Attention(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -172,43 +154,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
-        if T == 1 and native.rotary_(q, cos, sin):  # decoding: in place, one C call per tensor
-            if not native.rotary_(k, cos, sin):
-                k = apply_rotary(k, cos, sin)
-        else:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = kernels.rotary(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # [B, Hkv, S, D]
-
-        allowed, empty = mask if mask is not None else (None, None)
-        if T == 1 and mask is None and (y := native.attend_decode(q, k, v, self.scale)) is not None:
-            pass  # engine/native: fp32 scores, softmax and sum in one pass over the cache, threads over heads
-        elif T == 1:
-            # Decode: one query row per head. Two bf16 matrix-vector products + softmax take about half the time
-            # of SDPA's CPU flash kernel here (measured: ~1.1 vs ~1.9 ms per layer at 600 tokens).
-            # Query heads that share a kv head (GQA) are consecutive, so they group without repeating k/v.
-            q = q.view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
-            att = (q @ k.transpose(-2, -1)) * self.scale  # [B, Hkv, G, S]
-            if allowed is not None:  # [B, 1, 1, S] True where allowed
-                att = att.masked_fill(~allowed, float("-inf"))
-            att = att.softmax(-1, dtype=torch.float32).to(q.dtype)  # float32 softmax, as HF's eager attention
-            y = att @ v  # [B, Hkv, G, D]
-            if empty is not None:
-                y = y.masked_fill(empty, 0.0)
-            y = y.reshape(B, 1, H * D)  # [B, 1, C]
-        else:
-            # The cache hands v back as a transposed view; SDPA's CPU flash kernel needs a unit last-dim stride
-            # and otherwise falls back to the math path (measured 2.3x slower for a 620-token turn over 3,100).
-            y = F.scaled_dot_product_attention(
-                q, k, v.contiguous(),
-                attn_mask=allowed,  # [B or 1, 1, T, S] bool, or None: plain causal (no cache, no padding)
-                is_causal=allowed is None,
-                scale=self.scale,
-                enable_gqa=H != Hkv,
-            )  # [B, H, T, D]
-            if empty is not None:
-                y = y.masked_fill(empty, 0.0)
-            y = y.transpose(1, 2).reshape(B, T, H * D)
+        y = kernels.attend(q, k, v, self.scale, mask)  # [B, T, H·D]
         return self.o_proj(y)
 
 

@@ -107,28 +107,39 @@ def kernels() -> ctypes.CDLL | None:
         return None
     if "reason" in _state:  # the hot path (hundreds of calls per token): decided already, no lock needed
         return _state["lib"]
+    return _decide()
+
+
+def _decide() -> ctypes.CDLL | None:
     with _lock:
         if "reason" not in _state:
-            _state["lib"], _state["reason"] = None, ""
+            lib = None
             if os.environ.get("DSVL_NATIVE", "1") == "0":
-                _state["reason"] = "disabled by DSVL_NATIVE=0"
-            elif reason := _cpu_supported():
-                _state["reason"] = reason
+                reason = "disabled by DSVL_NATIVE=0"
+            elif cpu := _cpu_supported():
+                reason = cpu
             elif not (compiler := os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
-                _state["reason"] = "no C compiler (cc or gcc) on PATH"
+                reason = "no C compiler (cc or gcc) on PATH"
             else:
                 try:
-                    _state["lib"] = _bind(ctypes.CDLL(str(_build(compiler))))
-                    _state["reason"] = "loaded"
+                    lib, reason = _bind(ctypes.CDLL(str(_build(compiler)))), "loaded"
                 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                    _state["reason"] = f"build failed: {e}"
+                    reason = f"build failed: {e}"
+            _state["lib"] = lib
+            _state["reason"] = reason  # last: the lock-free check in kernels() looks for it
         return _state["lib"]
 
 
 def status() -> str:
-    """'loaded', or why the PyTorch fallbacks are used."""
-    kernels()
+    """'loaded', or why the PyTorch fallbacks are used (in this process; `disabled()` is per thread)."""
+    _decide()
     return _state["reason"]
+
+
+def reset() -> None:
+    """Decide again at the next use (tests change DSVL_NATIVE); a built library stays cached on disk."""
+    with _lock:
+        _state.clear()
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:

@@ -4,7 +4,7 @@ matrix-matrix products.
 Measured on a 2-core AVX2 machine: a [650 × 2048] · [2048 × 5632] product runs at ~4 GFLOP/s in bf16 and
 ~24 GFLOP/s in fp32, so prefill and image encoding upcast (weights converted per call, memory stays bf16).
 A one-row product (decoding) is memory-bound: it stays in bf16, which halves the bytes read per token, and
-runs in `engine/native`'s matrix-vector kernel where it is available (it streams the weights ~10% faster
+runs in the native matrix-vector kernel (`native/`) where it is available (it streams the weights ~10% faster
 than PyTorch's bf16 GEMV here).
 """
 
@@ -48,7 +48,7 @@ class UpcastConv2d(nn.Conv2d):
 
 def upcast_matmuls(model: nn.Module) -> int:
     """Switch plain nn.Linear / nn.Conv2d modules to the upcasting forward in place (parameters and their
-    names are untouched; quantized linears, which subclass nn.Linear, are left alone). Returns how many."""
+    names are untouched; quantized linears are not nn.Linear and are left alone). Returns how many."""
     swapped = 0
     for module in model.modules():
         if type(module) is nn.Linear:

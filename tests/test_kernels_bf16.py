@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from engine.cpu_bf16 import UpcastConv2d, UpcastLinear, upcast_matmuls
+from engine.kernels.bf16 import UpcastConv2d, UpcastLinear, upcast_matmuls
 from engine.demo import DEMO_DIR
 from engine.loading import load_model
 
@@ -35,7 +35,7 @@ def test_many_row_products_run_in_fp32():
 
 
 def test_one_row_products_stay_in_bf16():
-    # Memory-bound: bf16 weights read as they are (engine/native's GEMV where it runs), bf16 result.
+    # Memory-bound: bf16 weights read as they are (the native GEMV where it runs), bf16 result.
     linear = nn.Linear(64, 32).to(torch.bfloat16)
     upcast_matmuls(linear)
     x = torch.randn(1, 64, dtype=torch.bfloat16)
