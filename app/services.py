@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .chat_service import ChatError, ChatService, ModelManager
 from .history import HistoryService
 from .pdf_pages import PdfError, RenderCancelled
+from .scratch import Scratch
 from .screen_capture import CaptureError
 from .store import Store, StoreError
 
@@ -20,6 +21,7 @@ class Services:
     models: ModelManager
     chat: ChatService
     history: HistoryService
+    scratch: Scratch  # temporary files, gradio's cache included; deleting attachments removes their copies
 
     @property
     def attachments_dir(self):
@@ -27,5 +29,7 @@ class Services:
         return self.store.attachments_dir
 
     @classmethod
-    def build(cls, store: Store, models: ModelManager, **chat_options) -> Services:
-        return cls(store, models, ChatService(store, models, **chat_options), HistoryService(store))
+    def build(cls, store: Store, models: ModelManager, scratch: Scratch | None = None, **chat_options) -> Services:
+        scratch = scratch or Scratch.of(store)
+        store.on_attachments_deleted(scratch.forget)
+        return cls(store, models, ChatService(store, models, **chat_options), HistoryService(store), scratch)

@@ -31,7 +31,7 @@ import gradio as gr
 from app.services import Services
 
 from .chat_tab import ChatTab
-from .common import QUIET
+from .common import QUIET, use_scratch
 from .history import HistoryPanel
 from .model_tab import ModelTab
 from .style import CSS, theme
@@ -57,6 +57,7 @@ def build_ui(services: Services) -> gr.Blocks:
     # Attachments are content-addressed and never change: serve them straight from the data directory
     # instead of copying every thumbnail into gradio's cache on each transcript update.
     gr.set_static_paths([services.attachments_dir])
+    use_scratch(services.scratch)
 
     with ChatApp(title=TITLE, fill_width=True) as demo:
         conv = gr.State(None)  # the open conversation's id, shared by the sidebar and the chat tab
