@@ -34,7 +34,7 @@ from .chat_tab import ChatTab
 from .common import QUIET, use_scratch
 from .history import HistoryPanel
 from .model_tab import ModelTab
-from .style import CSS, theme
+from .style import CSS, KEEP_DRAFT_JS, theme
 
 TITLE = "DeepSeek-VL local"
 
@@ -50,6 +50,8 @@ class ChatApp(gr.Blocks):
         # Gradio's own run history would copy every message (images included) into the browser's
         # localStorage: a second, unencrypted history, and slow once a big message was sent.
         kwargs.setdefault("run_history", False)
+        # Files handed to the browser (exports, PDF pages, screenshots) are made in the app's scratch space.
+        kwargs["allowed_paths"] = [*(kwargs.get("allowed_paths") or ()), *self.file_dirs]
         return super().launch(*args, **kwargs)
 
 
@@ -60,6 +62,7 @@ def build_ui(services: Services) -> gr.Blocks:
     use_scratch(services.scratch)
 
     with ChatApp(title=TITLE, fill_width=True) as demo:
+        demo.file_dirs = [str(services.scratch.files_dir)]
         conv = gr.State(None)  # the open conversation's id, shared by the sidebar and the chat tab
         history = HistoryPanel(services, conv)
         banner = ModelTab.make_banner(services.models)
@@ -79,6 +82,8 @@ def build_ui(services: Services) -> gr.Blocks:
                     chat.meter: chat.refresh_meter(conversation_id, value, max_new_tokens)}
 
         demo.load(on_load, chat.meter_inputs, [history.list, history.rename_box, model.banner, model.details,
-                                               chat.meter, chat.monitor, chat.screen_note, *chat.settings.inputs],
+                                               chat.meter, chat.monitor, chat.screen_note, chat.page_loaded,
+                                               *chat.settings.inputs],
                   **QUIET)
+        demo.load(None, js=KEEP_DRAFT_JS)
     return demo
