@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from app.models import ModelManager
     from app.scheduler import Scheduler
+    from app.scratch import Scratch
     from app.services import Services
     from app.store import Store
 
@@ -116,14 +119,23 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # unwritable directory, a damaged database...
         print(f"error: cannot open the data directory {args.data_dir}: {e}", file=sys.stderr)
         return 2
-    # Answers left "streaming" by a killed run become "stopped"; 30 s spares a second instance's live answers.
-    recovered = store.recover_interrupted(idle_for=30)
+    for other in store.other_instances():
+        log.warning("another instance of the app (pid %s, started %s) is using this data folder too: both "
+                    "work, and each shows the other's answers once you open or refresh the conversation",
+                    other["pid"] or "?", other["started"] or "at an unknown time")
+    # Answers left "streaming" by a run that was killed; a live instance's answers are left alone.
+    recovered = store.recover_interrupted()
     if recovered:
         log.info("marked %d interrupted answer(s) as stopped", recovered)
+    # Temporary files (gradio's uploads included) live in the data folder, so a delete can find every copy;
+    # gradio reads GRADIO_TEMP_DIR when it is imported, below.
+    scratch = Scratch.of(store)
+    scratch.start()
+    os.environ["GRADIO_TEMP_DIR"] = str(scratch.gradio_dir)
 
     # Loading runs in the background: the UI comes up at once and shows the progress.
     models = ModelManager(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization).start()
-    services = Services.build(store, models, scheduler=Scheduler(args.parallel))
+    services = Services.build(store, models, scratch=scratch, scheduler=Scheduler(args.parallel))
     from ui.app import build_ui  # imported late: gradio is heavy and --help must not need it
 
     demo = build_ui(services)
@@ -133,7 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     print(startup_message(url, share_url, models.model_name, args.data_dir), flush=True)
     if not args.no_browser:
         open_browser(url)
-    demo.block_thread()  # until Ctrl+C
+    # A plain `kill` ends the app like Ctrl+C, so the scratch folder is removed on the way out.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        demo.block_thread()  # until Ctrl+C
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        scratch.close()
     return 0
 
 
@@ -150,7 +168,6 @@ def startup_message(url: str, share_url: str | None, model: str, data_dir: Path)
 def open_browser(url: str) -> None:
     """Open a tab, or say why not: on Linux without a display a browser cannot open, and saying nothing
     would leave the user waiting for one."""
-    import os
     import webbrowser
 
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):

@@ -18,11 +18,16 @@ MAX_IMPORT_BYTES = 512 * 1024 * 1024
 class ExportFile:
     name: str  # a file name made from the title, safe on every file system
     data: bytes
+    holds: tuple[str, ...] = ()  # the attachments (sha256) inside it: deleting one should delete this file too
 
 
 def file_name(title: str, suffix: str) -> str:
     stem = re.sub(r"[^\w\- ]+", "", title, flags=re.UNICODE).strip().replace(" ", "-")[:60] or "conversation"
     return f"{stem}{suffix}"
+
+
+def _attachments(conversation: Conversation) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(a.sha256 for m in conversation.messages for a in m.attachments))
 
 
 class HistoryService:
@@ -53,18 +58,33 @@ class HistoryService:
     def export_json(self, conversation_id: str) -> ExportFile:
         conversation = self._existing(conversation_id)
         data = json.dumps(self.store.export_conversation(conversation_id), ensure_ascii=False).encode("utf-8")
-        return ExportFile(file_name(conversation.display_title, ".json"), data)
+        return ExportFile(file_name(conversation.display_title, ".json"), data, _attachments(conversation))
 
     def export_markdown(self, conversation_id: str) -> ExportFile:
         """A zip of the Markdown and its images, so the export opens anywhere with its pictures."""
         conversation = self._existing(conversation_id)
-        return ExportFile(file_name(conversation.display_title, ".zip"), self.store.export_markdown_zip(conversation_id))
+        return ExportFile(file_name(conversation.display_title, ".zip"), self.store.export_markdown_zip(conversation_id),
+                          _attachments(conversation))
 
     def import_(self, data: bytes) -> str:
         """A JSON export -> a new conversation's id; StoreError says what is wrong with the file."""
         if len(data) > MAX_IMPORT_BYTES:
             raise StoreError("That file is too large to be a conversation export.")
         return self.store.import_conversation(data)
+
+    def written_elsewhere(self, conversation_id: str | None) -> bool:
+        """True while another app instance on this data folder is writing an answer in this conversation (the
+        page follows it until it is done). An answer whose writer died meanwhile is marked stopped here."""
+        conversation_id = conversation_id or None
+        try:
+            messages = self.store.get_conversation(conversation_id)["messages"] if conversation_id else []
+        except StoreError:
+            return False
+        writers = {m["owner"] for m in messages if m["status"] == "streaming"} - {self.store.instance_id}
+        live = {w for w in writers if self.store.is_alive(w)}
+        if writers - live:
+            self.store.recover_interrupted()
+        return bool(live)
 
     def _existing(self, conversation_id: str | None) -> Conversation:
         conversation = self.get(conversation_id)

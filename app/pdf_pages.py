@@ -162,7 +162,12 @@ def open_pdf(source: str | os.PathLike[str] | bytes | bytearray | memoryview,
     try:
         doc = opener()
     except Exception as exc:  # FileDataError, EmptyFileError, RuntimeError from MuPDF
-        raise PdfError(f"{name} is damaged or not a valid PDF ({exc})") from exc
+        # MuPDF's message quotes the full path: a server's temp folder means nothing to the user.
+        detail = str(exc)
+        if not isinstance(source, (bytes, bytearray, memoryview)):
+            for spelling in {str(source), str(Path(source)), str(Path(source).resolve())}:
+                detail = detail.replace(spelling, name)
+        raise PdfError(f"{name} is damaged or not a valid PDF ({detail})") from exc
 
     try:
         if doc.needs_pass:

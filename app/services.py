@@ -10,6 +10,7 @@ from .models import ModelManager
 from .history import HistoryService
 from .preferences import Preferences
 from .pdf_pages import PdfError, RenderCancelled
+from .scratch import Scratch
 from .screen_capture import CaptureError
 from .store import Store, StoreError
 
@@ -24,6 +25,7 @@ class Services:
     chat: ChatService
     history: HistoryService
     preferences: Preferences
+    scratch: Scratch  # temporary files, gradio's cache included; deleting attachments removes their copies
 
     @property
     def attachments_dir(self):
@@ -31,6 +33,9 @@ class Services:
         return self.store.attachments_dir
 
     @classmethod
-    def build(cls, store: Store, models: ModelManager, **chat_options) -> Services:
+    def build(cls, store: Store, models: ModelManager, scratch: Scratch | None = None, **chat_options) -> Services:
+        scratch = scratch or Scratch.of(store)
+        store.on_attachments_deleted(scratch.forget)
         history = HistoryService(store)
-        return cls(store, models, ChatService(store, models, **chat_options), history, Preferences(store, history))
+        return cls(store, models, ChatService(store, models, **chat_options), history, Preferences(store, history),
+                   scratch)

@@ -95,6 +95,16 @@ def test_garbage_is_rejected(data, match):
         open_pdf(data)
 
 
+def test_damaged_file_is_named_without_its_folder(tmp_path):
+    # The file is in the server's upload cache: its path would mean nothing to the user, and shows where
+    # the server keeps its files.
+    path = tmp_path / "report.pdf"
+    path.write_bytes(b"%PDF-1.7\n" + bytes(range(256)) * 8)
+    with pytest.raises(PdfError, match="report.pdf is damaged or not a valid PDF") as raised:
+        open_pdf(path)
+    assert str(tmp_path) not in str(raised.value)
+
+
 def test_truncated_pdf_is_rejected_or_repaired(four_pages):
     # MuPDF repairs what it can; whatever it does, the caller sees either a
     # usable document or a PdfError, never a raw MuPDF exception.

@@ -1,5 +1,6 @@
 """run_app.py: flag parsing, and main() wiring the store, model manager and service into the UI."""
 
+import os
 import subprocess
 import sys
 import types
@@ -97,6 +98,7 @@ def test_main_builds_the_service_and_launches_the_ui(tmp_path, monkeypatch, caps
         return FakeBlocks()
 
     monkeypatch.setitem(sys.modules, "ui.app", types.SimpleNamespace(build_ui=build_ui))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", "restored after this test")  # main() points it into the data folder
     assert run_app.main(["--data-dir", str(tmp_path), "--port", "9000", "--auth", "u:p", "--no-browser"]) == 0
 
     service, models, store = seen["parts"]
@@ -109,4 +111,7 @@ def test_main_builds_the_service_and_launches_the_ui(tmp_path, monkeypatch, caps
     out = capsys.readouterr().out
     assert "running at http://127.0.0.1:9000/" in out and str(tmp_path) in out and models.model_name in out
     assert store.get_conversation(cid)["messages"][1]["status"] == "stopped"
+    # Gradio's cache was in the app's scratch folder, removed when the app ended.
+    assert os.environ["GRADIO_TEMP_DIR"] == str(tmp_path / "tmp" / store.instance_id / "gradio")
+    assert list((tmp_path / "tmp").iterdir()) == []
     store.close()

@@ -885,10 +885,75 @@ def test_process_killed_mid_answer_is_recovered(tmp_path):
         assert store.recover_interrupted() == 0
 
 
-def test_recover_interrupted_can_spare_live_answers(store):
+LIVE = """
+import sys, time
+from pathlib import Path
+from app.store import Store
+store = Store(Path(sys.argv[1]))
+cid = store.create_conversation()
+answer = store.add_message(cid, "assistant", "still being written", status="streaming")
+print(cid, answer, store.instance_id, flush=True)
+time.sleep(60)
+"""
+
+
+def test_recovery_goes_by_owner_not_by_age(tmp_path):
+    """A killed process's answer is recovered at once; a live process's answer never is, however old."""
+    Store(tmp_path).close()
+    killed, live = run_python(KILLED, str(tmp_path)), run_python(LIVE, str(tmp_path))
+    try:
+        killed_line, live_line = killed.stdout.readline(), live.stdout.readline()
+        assert killed_line, killed.stderr.read()
+        assert live_line, live.stderr.read()
+        killed.kill()  # SIGKILL: its lock goes with it, nothing else runs
+        killed.wait(timeout=30)
+        killed_answer = int(killed_line.split()[2])
+        live_cid, live_answer, live_owner = live_line.split()
+
+        with Store(tmp_path) as store:
+            assert [i["id"] for i in store.other_instances()] == [live_owner]
+            assert store.other_instances()[0]["pid"] == live.pid
+            assert store.is_alive(live_owner) and store.is_alive(store.instance_id)
+            assert store.recover_interrupted() == 1
+            statuses = {m["id"]: m["status"] for c in store.list_conversations()
+                        for m in store.get_conversation(c["id"])["messages"] if m["role"] == "assistant"}
+            assert statuses == {killed_answer: "stopped", int(live_answer): "streaming"}
+            assert store.recover_interrupted() == 0
+
+            live.kill()
+            live.wait(timeout=30)
+            assert not store.is_alive(live_owner) and store.other_instances() == []
+            assert store.recover_interrupted() == 1
+            assert store.get_conversation(live_cid)["messages"][0]["status"] == "stopped"
+        assert list((tmp_path / "instances").iterdir()) == []  # no lock file outlives its instance
+    finally:
+        for proc in (killed, live):
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_recovery_spares_another_store_in_this_process(tmp_path):
+    with Store(tmp_path) as reader:
+        writer = Store(tmp_path)
+        cid = writer.create_conversation()
+        answer = writer.add_message(cid, "assistant", "still going", status="streaming")
+        assert reader.recover_interrupted() == 0
+        assert writer.recover_interrupted() == 0  # its own answer is live too
+        assert reader.get_conversation(cid)["messages"][0]["status"] == "streaming"
+        writer.close()
+        assert reader.recover_interrupted() == 1
+        message = reader.get_conversation(cid)["messages"][0]
+        assert (message["id"], message["status"], message["owner"]) == (answer, "stopped", None)
+
+
+def test_answers_record_their_writer(store):
     cid = store.create_conversation()
-    live = store.add_message(cid, "assistant", "still going", status="streaming")
-    assert store.recover_interrupted(idle_for=60) == 0
-    assert store.get_conversation(cid)["messages"][0]["status"] == "streaming"
+    answer = store.add_message(cid, "assistant", "", status="streaming")
+    assert store.get_conversation(cid)["messages"][0]["owner"] == store.instance_id
+    store.update_message(answer, text="done", status="complete")
+    assert store.get_conversation(cid)["messages"][0]["owner"] is None
+    # Rows from before the owner column (NULL) have no live writer: recovered.
+    store.update_message(answer, status="streaming")
+    with store._write() as conn:
+        conn.execute("UPDATE messages SET owner = NULL")
     assert store.recover_interrupted() == 1
-    assert store.get_conversation(cid)["messages"][0]["id"] == live

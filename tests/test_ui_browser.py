@@ -45,15 +45,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """run_app.py on the demo model, headless (no DISPLAY), with its own data directory."""
-    data_dir = tmp_path_factory.mktemp("ui-data")
-    log_path = data_dir.parent / "server.log"
-    port = _free_port()
+def start_server(data_dir: Path, port: int, log_path: Path, **env_vars: str) -> subprocess.Popen:
+    """run_app.py on the demo model, headless (no DISPLAY), answering at http://127.0.0.1:<port>/ on return."""
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    with open(log_path, "wb") as log:
+    env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **env_vars)
+    with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "run_app.py", "--no-browser", "--port", str(port), "--data-dir", str(data_dir)],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -66,14 +62,26 @@ def server(tmp_path_factory):
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
-                        break
+                        return proc
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"run_app.py did not answer within {STARTUP_TIMEOUT_S} s:\n"
                             f"{log_path.read_text()[-3000:]}")
             time.sleep(0.25)
-        yield {"url": url, "data_dir": data_dir, "log": log_path}
+    except BaseException:
+        stop_process(proc)
+        raise
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("ui-data")
+    log_path = data_dir.parent / "server.log"
+    port = _free_port()
+    proc = start_server(data_dir, port, log_path)
+    try:
+        yield {"url": f"http://127.0.0.1:{port}/", "data_dir": data_dir, "log": log_path}
     finally:
         stop_process(proc)
 

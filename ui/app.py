@@ -31,10 +31,10 @@ import gradio as gr
 from app.services import Services
 
 from .chat_tab import ChatTab
-from .common import QUIET
+from .common import QUIET, use_scratch
 from .history import HistoryPanel
 from .model_tab import ModelTab
-from .style import CSS, theme
+from .style import CSS, KEEP_DRAFT_JS, theme
 
 TITLE = "DeepSeek-VL local"
 
@@ -50,6 +50,8 @@ class ChatApp(gr.Blocks):
         # Gradio's own run history would copy every message (images included) into the browser's
         # localStorage: a second, unencrypted history, and slow once a big message was sent.
         kwargs.setdefault("run_history", False)
+        # Files handed to the browser (exports, PDF pages, screenshots) are made in the app's scratch space.
+        kwargs["allowed_paths"] = [*(kwargs.get("allowed_paths") or ()), *self.file_dirs]
         return super().launch(*args, **kwargs)
 
 
@@ -57,8 +59,10 @@ def build_ui(services: Services) -> gr.Blocks:
     # Attachments are content-addressed and never change: serve them straight from the data directory
     # instead of copying every thumbnail into gradio's cache on each transcript update.
     gr.set_static_paths([services.attachments_dir])
+    use_scratch(services.scratch)
 
     with ChatApp(title=TITLE, fill_width=True) as demo:
+        demo.file_dirs = [str(services.scratch.files_dir)]
         conv = gr.State(None)  # the open conversation's id, shared by the sidebar and the chat tab
         history = HistoryPanel(services, conv)
         banner = ModelTab.make_banner(services.models)
@@ -79,5 +83,6 @@ def build_ui(services: Services) -> gr.Blocks:
 
         demo.load(on_load, chat.meter_inputs, [history.list, history.rename_box, model.banner, model.details,
                                                model.recent, chat.meter, chat.monitor, chat.screen_note,
-                                               *chat.settings.inputs], **QUIET)
+                                               chat.page_loaded, *chat.settings.inputs], **QUIET)
+        demo.load(None, js=KEEP_DRAFT_JS)
     return demo

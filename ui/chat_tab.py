@@ -25,6 +25,10 @@ STREAM_INTERVAL_S = 0.05  # at most ~20 transcript updates a second while an ans
 # long text as text so the service can say how long is too long.
 MAX_PLAIN_TEXT = 2_000_000
 MAX_PDF_THUMBNAILS = 60
+FOLLOW_INTERVAL_S = 1.0  # how often the page looks at an answer another app instance is writing
+# A page whose server was restarted sends into a session the new server does not know.
+STALE_PAGE = ("The app was restarted since this page was opened: reload the page to continue "
+              "(your message is kept in the box).")
 
 
 def ordinal(n: int) -> str:
@@ -53,6 +57,10 @@ class ChatTab:
         self.editing = gr.State(False)  # the next send replaces the last question
         self.pdf_path = gr.State(None)  # the uploaded PDF: {"path", "count", "thumbs"}
         self.checked = gr.State([])  # attached files already checked (checking decodes the whole image)
+        # True once this server ran the page's load event; a new server starts every session at False.
+        self.page_loaded = gr.State(False)
+        # Ticks while the open conversation's answer is being written by another app instance.
+        self.follow_timer = gr.Timer(FOLLOW_INTERVAL_S, active=False)
         self._build_transcript()
 
     def build_tools(self) -> None:
@@ -130,7 +138,7 @@ class ChatTab:
     @property
     def open_outputs(self) -> list:
         return [self.conv, self.chatbot, self.ids, self.selected, self.editing, self.edit_bar, self.stats, self.notice,
-                *self.settings.inputs, *self.action_buttons]
+                *self.settings.inputs, *self.action_buttons, self.follow_timer]
 
     def open_updates(self, conversation: Conversation | None) -> dict:
         """Everything in this tab that changes when a conversation is opened (None: a fresh new chat)."""
@@ -138,7 +146,16 @@ class ChatTab:
         return {self.conv: conversation.id if conversation else None, self.chatbot: messages, self.ids: message_ids,
                 self.selected: None, self.editing: False, self.edit_bar: gr.update(visible=False), self.stats: "",
                 **self.settings.show(self.preferences.settings_for(conversation.id if conversation else None)),
-                **self.actions(bool(message_ids)), **hide(self.notice)}
+                **self.actions(bool(message_ids)), **hide(self.notice),
+                self.follow_timer: gr.Timer(active=self.history.written_elsewhere(conversation and conversation.id))}
+
+    def follow(self, conversation_id):
+        """A tick while another app instance writes this conversation's answer: show it as it is now, until
+        it is finished (this process's own answers stream to the page that asked)."""
+        if self.chat.is_generating(conversation_id):
+            return {}
+        return {**self.transcript_updates(conversation_id),
+                self.follow_timer: gr.Timer(active=self.history.written_elsewhere(conversation_id))}
 
     def transcript_updates(self, conversation_id: str | None) -> dict:
         """The transcript as saved, with the actions that fit it."""
@@ -211,6 +228,13 @@ class ChatTab:
     def stream_outputs(self) -> list:
         return [self.conv, self.chatbot, self.ids, self.selected, self.editing, self.edit_bar, self.stats,
                 self.notice, *self.action_buttons]
+
+    def submit_checked(self, page_loaded, *args):
+        """`submit`, unless the page belongs to a server that is gone: then say so and keep the message."""
+        if not page_loaded:
+            yield show(self.notice, STALE_PAGE, "warning")
+            return
+        yield from self.submit(*args)
 
     def submit(self, conversation_id, value, is_editing, *settings_values):
         text, files = input_parts(value)
@@ -355,7 +379,7 @@ class ChatTab:
     def on_load(self, conversation_id):
         """A (re)loaded page: the monitors of this machine, and the settings the user left."""
         choices, default, note = monitor_choices()
-        return {self.monitor: gr.update(choices=choices, value=default), self.screen_note: note,
+        return {self.monitor: gr.update(choices=choices, value=default), self.screen_note: note, self.page_loaded: True,
                 **self.settings.show(self.preferences.settings_for(conversation_id))}
 
     # ------------------------------------------------------------------ wiring
@@ -372,7 +396,8 @@ class ChatTab:
         # concurrency_limit=None: gradio would otherwise run one send at a time across all tabs, and a waiting
         # tab would never hear its place in line; the app's scheduler is what lines requests up for the model.
         streaming = {"show_progress": "minimal", "concurrency_limit": None}
-        sent = self.input.submit(g(self.submit), [self.conv, self.input, self.editing, *self.settings.inputs],
+        sent = self.input.submit(g(self.submit_checked),
+                                 [self.page_loaded, self.conv, self.input, self.editing, *self.settings.inputs],
                                  self.stream_outputs, **streaming)
         then_refresh(sent)
         then_refresh(self.regenerate_btn.click(g(self.regenerate), [self.conv, *self.settings.inputs],
@@ -387,6 +412,8 @@ class ChatTab:
                                                 [self.chatbot, self.ids, self.selected, self.stats, self.notice,
                                                  *self.action_buttons], **QUIET))
         self.settings.wire(self.preferences)
+        self.follow_timer.tick(g(self.follow), [self.conv], [self.chatbot, self.ids, *self.action_buttons,
+                                                             self.follow_timer, self.notice], **QUIET)
         self.input.change(g(self.check_attachments), [self.input, self.checked], [self.input, self.checked, self.notice],
                           trigger_mode="always_last", **QUIET).then(*meter, **QUIET)
         self.max_new.release(*meter, **QUIET)

@@ -3,18 +3,15 @@ scratch folder for files handed to the browser."""
 
 from __future__ import annotations
 
-import atexit
 import functools
 import inspect
 import logging
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+from app.scratch import Scratch
 from app.services import USER_ERRORS
 
 from . import views
@@ -87,16 +84,18 @@ def with_files(value: Any, new_paths: list[str]) -> dict:
     return {"text": text, "files": files + new_paths}
 
 
-_scratch_dir: Path | None = None
+_scratch: Scratch | None = None
+
+
+def use_scratch(scratch: Scratch) -> None:
+    """Put the files `scratch_file` makes in the app's scratch space (build_ui calls this)."""
+    global _scratch
+    _scratch = scratch
 
 
 def scratch_file(name: str) -> Path:
-    """A fresh path ending in `name` in a private temp folder for files handed to the browser (exports,
-    rendered PDF pages, screenshots); one folder per file keeps the name the user sees."""
-    global _scratch_dir
-    if _scratch_dir is None or not _scratch_dir.exists():
-        _scratch_dir = Path(tempfile.mkdtemp(prefix="dsvl-ui-"))
-        atexit.register(shutil.rmtree, _scratch_dir, True)
-    folder = _scratch_dir / uuid.uuid4().hex
-    folder.mkdir()
-    return folder / name
+    """A fresh path ending in `name` for a file handed to the browser (rendered PDF pages, screenshots), in
+    the app's scratch space: removed at exit, and when the attachment made from it is deleted."""
+    if _scratch is None:
+        raise RuntimeError("no scratch space: build the UI with build_ui(services)")
+    return _scratch.file(name)

@@ -15,7 +15,7 @@ from app.services import Services
 
 from . import views
 from .chat_tab import ChatTab
-from .common import EMPTY_INPUT, QUIET, guard, hide, scratch_file, show
+from .common import EMPTY_INPUT, QUIET, guard, hide, show
 from .style import SEARCH_JS
 
 HISTORY_LIMIT = 200
@@ -24,7 +24,7 @@ SEARCH_LIMIT = 20
 
 class HistoryPanel:
     def __init__(self, services: Services, conv: gr.State):
-        self.history, self.chat = services.history, services.chat
+        self.history, self.chat, self.scratch = services.history, services.chat, services.scratch
         self.conv = conv
         with gr.Sidebar(label="History", open=True, width=290, elem_id="history-sidebar"):
             self.new_chat_btn = gr.Button("+ New chat", variant="primary", elem_id="new-chat-btn")
@@ -112,8 +112,7 @@ class HistoryPanel:
             return show(self.notice, "Open a conversation to export it.", "info")
         exported = self.history.export_json(conversation_id) if kind == "json" \
             else self.history.export_markdown(conversation_id)
-        path = scratch_file(exported.name)
-        path.write_bytes(exported.data)
+        path = self.scratch.write(exported.name, exported.data, holds=exported.holds)
         return {self.export_file: gr.update(value=str(path), visible=True), **hide(self.notice)}
 
     def import_file(self, upload):

@@ -95,3 +95,23 @@ const pick = (event) => {
 element.addEventListener('click', pick);
 element.addEventListener('keydown', (event) => { if (event.key === 'Enter') pick(event); });
 """
+
+# The message being typed, kept in the tab's sessionStorage: when the server goes away gradio reloads the page
+# as soon as it is back, which would lose it. Restored into an empty box on load; a sent message (the box
+# cleared by the server) clears the copy too, so it is sampled rather than saved on input events.
+KEEP_DRAFT_JS = """
+() => {
+  const key = 'dsvl-draft';
+  const draft = sessionStorage.getItem(key) || '';
+  const start = () => {
+    const box = document.querySelector('#chat-input textarea');
+    if (!box) return setTimeout(start, 100);
+    if (draft && !box.value) {
+      box.value = draft;
+      box.dispatchEvent(new Event('input', {bubbles: true}));
+    }
+    setInterval(() => sessionStorage.setItem(key, box.value), 300);
+  };
+  start();
+}
+"""

@@ -5,6 +5,8 @@ Layout of the data directory::
     history.db                    conversations, messages, attachment metadata,
                                   FTS index, the user's saved settings
     attachments/ab/abcdef….png    each distinct attachment once, named by its sha256
+    instances/<id>.lock           one per open Store, locked while it is open (instances.py)
+    tmp/<id>/                     that instance's scratch files (app.scratch), not the store's
 
 One module per concern, each a part of :class:`Store`:
 
@@ -14,6 +16,7 @@ One module per concern, each a part of :class:`Store`:
     search.py         full-text search
     export.py         JSON and Markdown export, checked import
     preferences.py    the user's defaults (get_setting / set_setting)
+    instances.py      which instances have the directory open (locks that die with their process)
 """
 
 from __future__ import annotations

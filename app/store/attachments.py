@@ -13,7 +13,7 @@ import re
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -62,6 +62,16 @@ def _image_info(data: bytes) -> tuple[int | None, int | None, str | None]:
 
 class Attachments(Database):
     """``attachments/ab/abcdef….png``: content-addressed files plus their rows."""
+
+    def __init__(self, data_dir: Path | str):
+        self._deleted_listeners: list[Callable[[list[str]], None]] = []
+        super().__init__(data_dir)
+
+    def on_attachments_deleted(self, callback: Callable[[list[str]], None]) -> None:
+        """Call ``callback(shas)`` after attachments were deleted with the
+        last message that used them, so copies kept elsewhere (app.scratch)
+        can go too. Called outside the store's lock; errors are logged."""
+        self._deleted_listeners.append(callback)
 
     def add_attachment(
         self, data: bytes, name: str | None = None, mime: str | None = None
@@ -210,6 +220,11 @@ class Attachments(Database):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.OperationalError as e:  # busy: best effort only
                 log.warning("could not purge deleted data yet: %s", e)
+        for callback in self._deleted_listeners if gone_shas else ():
+            try:
+                callback(list(gone_shas))
+            except Exception:  # the delete itself is done; a copy left behind is logged
+                log.exception("could not remove copies of deleted attachments")
 
     def collect_garbage(self, min_age: float = 3600.0) -> int:
         """Remove attachments no message uses (uploaded at least ``min_age``

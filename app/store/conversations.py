@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .attachments import Attachments, check_sha
@@ -191,6 +191,7 @@ class Conversations(Attachments):
                     "updated_at": now,
                     "model": model,
                     "settings": settings_json,
+                    "owner": self.instance_id if status == "streaming" else None,
                 },
                 shas,
             )
@@ -246,6 +247,7 @@ class Conversations(Attachments):
             changes["text"] = text
         if status is not None:
             changes["status"] = check_choice(status, STATUSES, "status")
+            changes["owner"] = self.instance_id if status == "streaming" else None
         if error is not None:
             changes["error"] = str(error)
         if timings is not None:
@@ -295,19 +297,26 @@ class Conversations(Attachments):
         self._after_delete(gone)
         return count
 
-    def recover_interrupted(self, idle_for: float = 0.0) -> int:
-        """Mark messages left 'streaming' by a killed process as 'stopped'
-        (their partial text is kept). Call at startup; returns how many.
+    def recover_interrupted(self) -> int:
+        """Mark answers left 'streaming' by an instance that is gone (killed,
+        crashed) as 'stopped', keeping their partial text; returns how many.
 
-        A process that starts while another one may be streaming should pass
-        ``idle_for`` (seconds without an update) so live answers are left alone.
+        Answers another live instance is still writing are left alone (see
+        instances.py), so this is right however soon after a crash it runs:
+        call it at start, and whenever a 'streaming' answer looks stuck.
         """
-        cutoff = (datetime.now(timezone.utc) - timedelta(seconds=idle_for)).isoformat(
-            timespec="microseconds"
-        )
+        with self._lock:
+            owners = [row[0] for row in self._conn.execute(
+                "SELECT DISTINCT owner FROM messages WHERE status = 'streaming'")]
+        dead = [owner for owner in owners if owner is None or not self.is_alive(owner)]
+        if not dead:
+            return 0
+        # A dead instance stays dead and writes no new rows, so checking
+        # outside the transaction is safe.
         with self._write() as conn:
             return conn.execute(
-                "UPDATE messages SET status = 'stopped', updated_at = ? "
-                "WHERE status = 'streaming' AND updated_at <= ?",
-                [utc_now(), cutoff],
+                "UPDATE messages SET status = 'stopped', owner = NULL, updated_at = ? "
+                "WHERE status = 'streaming' AND (owner IS NULL OR owner IN "
+                "(SELECT value FROM json_each(?)))",
+                [utc_now(), json.dumps([o for o in dead if o is not None])],
             ).rowcount

@@ -25,6 +25,8 @@ from typing import Any
 
 import sqlite_utils
 
+from .instances import InstanceLock, is_alive, live_instances
+
 ROLES = ("user", "assistant")
 STATUSES = ("complete", "streaming", "stopped", "failed")
 
@@ -168,7 +170,14 @@ def m004_conversation_settings(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE conversations ADD COLUMN settings TEXT")
 
 
-MIGRATIONS = [m001_initial, m002_fts, m003_settings, m004_conversation_settings]
+def m005_message_owner(db: sqlite_utils.Database) -> None:
+    # The instance (see instances.py) writing a 'streaming' answer, so a
+    # restart marks stopped exactly the answers whose writer died. NULL for
+    # rows from before: their writer is gone.
+    db.execute("ALTER TABLE messages ADD COLUMN owner TEXT")
+
+
+MIGRATIONS = [m001_initial, m002_fts, m003_settings, m004_conversation_settings, m005_message_owner]
 
 
 # --------------------------------------------------------------------------
@@ -236,10 +245,30 @@ class Database:
         self._conn.execute("PRAGMA secure_delete = ON")
         self.db = sqlite_utils.Database(self._conn, execute_plugins=False)
         self._migrate()
+        # Held while this store is open; the answers it streams carry its id.
+        self.instances_dir = self.data_dir / "instances"
+        self._instance = InstanceLock(self.instances_dir)
+
+    @property
+    def instance_id(self) -> str:
+        return self._instance.id
+
+    def is_alive(self, instance_id: str | None) -> bool:
+        """Whether the store instance ``instance_id`` (this one or another
+        process's) still has the data directory open."""
+        if instance_id == self._instance.id:
+            return self._instance.held
+        return is_alive(self.instances_dir, instance_id)
+
+    def other_instances(self) -> list[dict]:
+        """The other live instances on this data directory (``id``, ``pid``,
+        ``started``): another app, or a command-line import, running now."""
+        return [i for i in live_instances(self.instances_dir) if i["id"] != self._instance.id]
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            self._instance.release()
 
     def __enter__(self):
         return self
