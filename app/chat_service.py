@@ -315,7 +315,7 @@ class ChatService:
                             time.monotonic() - flushed_at >= self.flush_seconds:
                         self.store.update_message(message_id, text="".join(pieces))
                         flushed_tokens, flushed_at = tokens, time.monotonic()
-            stats = _stats(session.last_stats)
+            stats = {**_stats(session.last_stats), "backend": session.runtime.backend()}
             final = session.turns[-1].text  # exactly what the session keeps as the answer (stripped)
             status = "stopped" if stats["finish"] == "cancelled" else "complete"
             self.store.update_message(message_id, text=final, status=status, timings=stats)

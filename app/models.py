@@ -210,6 +210,7 @@ class ModelManager:
         if self._runtime is not None and self._status == "ready":
             d = self._runtime.describe()
             info["hint"] = info["hint"] or d["advice"]
+            info.update(backend=d["backend"], backends=d["backends"])
             info.update(device=d["device"], dtype=d["dtype"], quantization=d["quantized_as"],
                         memory_bytes=d["memory_bytes"], memory=_size(d["memory_bytes"]), context=d["context"],
                         image_size=d["image_size"])
@@ -224,7 +225,7 @@ class ModelManager:
         if info["status"] != "ready":
             return []
         facts = [("device", info["device"]), ("dtype", info["dtype"]), ("quantization", info["quantization"]),
-                 ("memory", info["memory"]),
+                 ("memory", info["memory"]), ("decoding", info.get("backend")),
                  ("context", f"{info['context']} tokens" if info.get("context") else None),
                  ("image input", f"{info['image_size']} px" if info.get("image_size") else None)]
         return [(label, str(value)) for label, value in facts if value]

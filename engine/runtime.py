@@ -156,6 +156,10 @@ class Runtime:
         """{kind of operation: what runs it}, e.g. {"int8 matmul (decode)": "native AVX2 int8", ...}."""
         return kernels.backends(self.device, self.dtype, self.quantization, self.quant_backend)
 
+    def backend(self) -> str:
+        """One line: what multiplies the weights while decoding (stored with each answer, shown in banners)."""
+        return kernels.summary(self.device, self.dtype, self.quantization, self.quant_backend)
+
     def describe(self) -> dict:
         return {
             "model": self.name,
@@ -165,7 +169,7 @@ class Runtime:
             "quant_backend": self.quant_backend or "none",
             "quantized_as": f"{self.quantization} ({self.quant_backend})" if self.quantization else "none",
             "advice": self.advice(),
-            "backend": kernels.summary(self.device, self.dtype, self.quantization, self.quant_backend),
+            "backend": self.backend(),
             "backends": self.backends(),
             "memory_bytes": model_bytes(self.model),
             "context": self.config.max_context,

@@ -157,3 +157,30 @@ def test_switching_models_without_a_restart(tmp_path):
         services.preferences.remember_model(str(other), "8bit")
         services.preferences.remember_model(str(DEMO_DIR), None)
         assert [m.label for m in services.preferences.recent_models()] == [str(DEMO_DIR), f"{other} (8bit)"]
+
+
+@pytest.mark.parametrize("native", ["0", None])
+def test_banner_and_answers_name_the_backends(services, monkeypatch, native):
+    """The Model tab's per-operation list and each stored answer say what ran, with DSVL_NATIVE=0 and without."""
+    from engine.kernels import native as native_kernels
+
+    if native is None:
+        monkeypatch.delenv("DSVL_NATIVE", raising=False)
+    else:
+        monkeypatch.setenv("DSVL_NATIVE", native)
+    native_kernels.reset()
+    try:
+        info = services.models.banner()
+        rows = info["backends"]
+        assert set(rows) >= {"attention (decode)", "rmsnorm (decode)", "rotary (decode)"}
+        if native == "0":
+            assert all("native" not in how for how in rows.values()) and "DSVL_NATIVE=0" in rows["attention (decode)"]
+        elif native_kernels.status() == "loaded":
+            assert rows["attention (decode)"].startswith("native AVX2")
+        assert ("decoding", info["backend"]) in info["facts"]
+        done = answer(services, None, "which kernels?")
+        stored = services.history.get(done.conversation_id).messages[-1]
+        assert stored.timings["backend"] == info["backend"] == done.stats["backend"]
+    finally:
+        monkeypatch.undo()
+        native_kernels.reset()

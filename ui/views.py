@@ -176,6 +176,9 @@ def model_markdown(info: dict) -> str:
     rows = [("model", info.get("model")), ("status", info.get("status")), *(info.get("facts") or ())]
     table = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows if v)
     parts = ["### Model", "", "| property | value |", "|---|---|", table, ""]
+    if info.get("backends"):
+        parts += ["### What runs each operation", "", "| operation | backend |", "|---|---|",
+                  *(f"| {op} | {str(how).replace('|', '/')} |" for op, how in info["backends"].items()), ""]
     if info.get("error"):
         parts += [f"**Load error:** {info['error']}", ""]
     if info.get("hint"):
