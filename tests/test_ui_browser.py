@@ -636,3 +636,14 @@ def test_switch_models_from_the_model_tab(page, store, tmp_path):
     page.wait_for_selector("[role=option]:has-text('second-model')")
     page.keyboard.press("Escape")
     page.click("button[role=tab]:has-text('Chat')")
+
+
+def test_an_extreme_strip_stays_visible_in_the_transcript(page, tmp_path):
+    strip = make_png(tmp_path / "strip.png", (200, 30, 30), size=(30000, 10))
+    set_max_new_tokens(page, 4)
+    attach(page, [strip])
+    send(page, "What is this long strip?")
+    wait_answer_finished(page)
+    image = page.locator("#chatbot [data-testid=user] img").last
+    box = image.bounding_box()
+    assert box and box["height"] >= 20 and box["width"] >= 20, box

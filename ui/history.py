@@ -32,8 +32,8 @@ class HistoryPanel:
                                          elem_id="history-search", max_lines=1)
             self.search_results = gr.HTML("", elem_id="search-results", js_on_load=SEARCH_JS)
             self.list = gr.Radio(choices=[], label="Conversations", elem_id="history-list")
-            self.rename_box = gr.Textbox(placeholder="Title of the open conversation", show_label=False,
-                                         container=False, max_lines=1, elem_id="rename-box")
+            self.rename_box = gr.Textbox(label="Title of the open conversation", placeholder="Untitled conversation",
+                                         max_lines=1, elem_id="rename-box")
             with gr.Row():
                 self.rename_btn = gr.Button("Rename", size="sm", min_width=60, elem_id="rename-btn")
                 self.delete_btn = gr.Button("Delete…", size="sm", variant="stop", min_width=60, elem_id="delete-btn")

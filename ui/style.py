@@ -45,7 +45,10 @@ CSS = """
 
 /* ---- transcript: attachments are thumbnails, click to open them full size ---- */
 #chatbot .message img, #chatbot .message-content img, #chatbot .file-container img {
-  max-height: 140px; max-width: 220px; width: auto; object-fit: contain; border-radius: 6px; }
+  max-height: 140px; max-width: 220px; width: auto; border-radius: 6px;
+  /* A 30000×10 strip would shrink to under a pixel: keep a visible box and show its middle (for other
+     images the box has their own shape, so nothing is cut). */
+  min-height: 24px; min-width: 24px; object-fit: cover; }
 #gen-stats { font-size: 0.8em; opacity: 0.7; min-height: 1.2em; }
 
 /* ---- notices ---- */
