@@ -43,3 +43,14 @@ def stop_process(process, timeout: float = 10) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+@pytest.fixture(scope="session")
+def models():
+    """The embedded demo model, loaded once for every test module that chats with it."""
+    from app.models import ModelManager
+    from engine.demo import DEMO_DIR
+
+    manager = ModelManager(DEMO_DIR).start()
+    assert manager.wait(120), manager.error
+    return manager

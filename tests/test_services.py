@@ -16,13 +16,6 @@ from engine.demo import DEMO_DIR
 GREEDY = {"temperature": 0.0, "max_new_tokens": 6}
 
 
-@pytest.fixture(scope="module")
-def models():
-    manager = ModelManager(DEMO_DIR).start()
-    assert manager.wait(120), manager.error
-    return manager
-
-
 @pytest.fixture
 def services(tmp_path, models):
     with Store(tmp_path / "data") as store:

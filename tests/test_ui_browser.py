@@ -145,6 +145,15 @@ def open_app(page, url: str) -> None:
     page.wait_for_selector("#model-banner .status-dot.ready", timeout=60_000)
 
 
+def open_tab(browser, server, width: int, height: int):
+    """A second browser context (its own gradio session) on the app: (context, page); close the context."""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    open_app(page, server["url"])
+    return context, page
+
+
 def make_png(path: Path, color: tuple[int, int, int], size=(64, 48)) -> Path:
     Image.new("RGB", size, color).save(path)
     return path
@@ -544,11 +553,8 @@ def test_edit_regenerate_delete_rename(page, store):
 def test_laptop_screen_keeps_input_and_tools_in_view(browser, server, store):
     """1280×800: the input box, the transcript actions and the tools are visible without scrolling; Send turns
     into Stop while an answer streams; actions are enabled only when they can act."""
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
+    context, page = open_tab(browser, server, 1280, 800)
     try:
-        open_app(page, server["url"])
         page.click("#new-chat-btn")
         expect_count(page, "#chatbot [data-testid=user]", 0)
         for selector in ("#chat-input textarea", "#actions", "#context-meter", "#settings-panel", "#pdf-panel",
@@ -580,11 +586,8 @@ def test_second_tab_waits_in_line_and_sees_its_place(browser, server, store, sha
     first = shared_page
     first.click("#new-chat-btn")
     set_max_new_tokens(first, 3000)
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    second = context.new_page()
-    second.set_default_timeout(TIMEOUT_MS)
+    context, second = open_tab(browser, server, 1400, 1000)
     try:
-        open_app(second, server["url"])
         second.click("#new-chat-btn")
         set_max_new_tokens(second, 8)
         send(first, "A very long story about a godwit")
