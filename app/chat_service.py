@@ -2,15 +2,17 @@
 conversations kept in the Store and answered by engine ChatSessions. No widgets here.
 
 The Store is the one source of truth for a conversation; a ChatSession is only a cache (KV cache, image
-embeddings, decoded images). Before every answer the session's turns are rebuilt from the stored messages,
-and the session's longest-common-prefix reuse makes that cheap when nothing changed. So regenerate, edit and
-delete only change the store, and an app restarted on the same data directory continues a conversation
-exactly as the live one would have.
+embeddings, decoded images). Before every answer the session's turns are rebuilt from the stored messages of
+the conversation's current path, and the session's longest-common-prefix reuse makes that cheap when nothing
+changed. So regenerate, edit, delete and switching between versions only change the store (a conversation is a
+tree: a regenerated answer or an edited question is a new version beside the old one, see app.store), the
+session recomputes only what follows the prefix the old and new paths share, and an app restarted on the same
+data directory continues a conversation exactly as the live one would have.
 
 Every generation goes through the Scheduler, the one door to the model shared with other callers: one answer at
 a time by default, the others wait in line and their streams say their place ("queued" events).
 
-Error reporting: the streaming methods (send, regenerate, edit_last) return iterators of StreamEvent and
+Error reporting: the streaming methods (send, regenerate, edit, edit_last) return iterators of StreamEvent and
 report every problem as an "error" event (after validation problems nothing has been stored); the other
 methods raise ChatError, or the subsystem's own user-facing error (PdfError, CaptureError).
 """
@@ -175,7 +177,8 @@ class ChatService:
                 self._claim(conversation_id, cancel)
                 claimed = True
             shas = [self.store.add_attachment(data, name=name) for _, data, name in decoded]
-            user_id = self.store.add_message(conversation_id, "user", text, shas)
+            user_id = self.store.add_message(conversation_id, "user", text, shas,
+                                             parent_id=messages[-1]["id"] if messages else None)
             entry.keys.update(zip(shas, session.turns[-1].images))
             self._register(conversation_id, entry)
         except (ValueError, StoreError) as e:
@@ -190,16 +193,39 @@ class ChatService:
 
     def regenerate(self, conversation_id: str, settings: GenerationSettings | dict | None = None
                    ) -> Iterator[StreamEvent]:
-        """Answer the last question again, replacing its answer."""
-        return self._redo(conversation_id, None, settings)
+        """Answer the last question again. The new answer is added beside the earlier ones, which stay
+        as its other versions (see select_variant)."""
+        return self._redo(conversation_id, None, None, settings)
 
     def edit_last(self, conversation_id: str, text: str, settings: GenerationSettings | dict | None = None
                   ) -> Iterator[StreamEvent]:
-        """Change the last question's text (its images stay) and answer it again."""
-        return self._redo(conversation_id, text, settings)
+        """Edit the last question (see edit)."""
+        return self._redo(conversation_id, None, text, settings)
 
-    def _redo(self, conversation_id: str, new_text: str | None, settings: GenerationSettings | dict | None
-              ) -> Iterator[StreamEvent]:
+    def edit(self, conversation_id: str, message_id: int, text: str,
+             settings: GenerationSettings | dict | None = None) -> Iterator[StreamEvent]:
+        """Ask any question of the conversation again, changed, and answer it: a new version of that question
+        (its images stay) that starts a new branch there. The old version keeps its answer and everything
+        after it (see select_variant)."""
+        return self._redo(conversation_id, message_id, text, settings)
+
+    def select_variant(self, conversation_id: str, message_id: int) -> None:
+        """Show another version of a message on the conversation's current path (an earlier answer, or a
+        question as it was before an edit): the path then goes through it and on the way that branch was
+        left. The next send, regenerate or edit continues from there."""
+        self._claim(conversation_id, threading.Event())
+        try:
+            messages = self._conversation(conversation_id)["messages"]
+            if not any(message_id in m["variant_ids"] for m in messages):
+                raise ChatError(f"Message {message_id} is not a version of a message in this conversation.")
+            self.store.select_message(message_id)
+        finally:
+            self._release(conversation_id)
+
+    def _redo(self, conversation_id: str, message_id: int | None, new_text: str | None,
+              settings: GenerationSettings | dict | None) -> Iterator[StreamEvent]:
+        """Answer a question of the current path again (message_id; None: the last one), as a new version
+        of its answer; with new_text, first add a new version of the question with that text."""
         cancel = _StopEvent()
         claimed = False
         try:
@@ -210,17 +236,25 @@ class ChatService:
             claimed = True
             conversation = self._conversation(conversation_id)
             messages = conversation["messages"]
-            last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"), None)
-            if last is None:
-                raise ChatError("This conversation has no question to answer yet.")
-            question = messages[last]
+            if message_id is None:
+                index = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"), None)
+                if index is None:
+                    raise ChatError("This conversation has no question to answer yet.")
+            else:
+                index = next((i for i, m in enumerate(messages) if m["id"] == message_id), None)
+                if index is None:
+                    raise ChatError(f"Message {message_id} is not in this conversation.")
+                if messages[index]["role"] != "user":
+                    raise ChatError("Only your own messages can be edited; Regenerate answers a question again.")
+            question = messages[index]
             if new_text is not None:
                 new_text = self._check_text(new_text, has_images=bool(question["attachments"]))
             entry = self._entry(conversation_id, runtime)
             session = entry.session
             session.system_prompt = self._system_prompt(runtime, system_prompt, conversation["system_prompt"])
-            session.turns = self._turns(messages[:last + 1], lambda a: self._image_key(entry, a))
-            # Re-fitting the last question with this answer's room raises ContextOverflow before any change.
+            # The path up to this question: the session reuses its KV cache for the prefix they share.
+            session.turns = self._turns(messages[:index + 1], lambda a: self._image_key(entry, a))
+            # Re-fitting the question with this answer's room raises ContextOverflow before any change.
             session.edit_last_user(question["text"] if new_text is None else new_text, reserve=_reserve(params))
         except (ValueError, StoreError) as e:
             if claimed:
@@ -228,28 +262,24 @@ class ChatService:
             yield StreamEvent("error", conversation_id, text=str(e))
             return
         try:
-            # The old answer goes when the new one starts (a regenerate stopped while queued keeps it), but at
-            # once after an edit: it answers a question that no longer exists.
-            old_answer = messages[last + 1]["id"] if last + 1 < len(messages) else None
-            try:
-                if new_text is not None:
-                    self.store.update_message(question["id"], text=new_text)
-                    if old_answer is not None:
-                        self.store.delete_messages_from(old_answer)
-                        old_answer = None
-            except (ValueError, StoreError) as e:
-                yield StreamEvent("error", conversation_id, text=f"Could not save the change: {e}")
-                return
+            user_id = question["id"]
+            if new_text is not None:
+                try:  # the new version is stored at once (the user sees it while waiting in line)
+                    user_id = self.store.add_message(conversation_id, "user", new_text,
+                                                     [a["sha256"] for a in question["attachments"]],
+                                                     parent_id=question["parent_id"])
+                except (ValueError, StoreError) as e:
+                    yield StreamEvent("error", conversation_id, text=f"Could not save the change: {e}")
+                    return
             self._register(conversation_id, entry)
-            yield from self._generate(conversation_id, entry, params, system_prompt, question["id"],
-                                      replaces=old_answer)
+            yield from self._generate(conversation_id, entry, params, system_prompt, user_id)
         finally:
             self._release(conversation_id)
 
     def _generate(self, conversation_id: str, entry: _Entry, params: SamplingParams, system_prompt: str | None,
-                  user_id: int, replaces: int | None = None) -> Iterator[StreamEvent]:
+                  user_id: int) -> Iterator[StreamEvent]:
         """Queue for the model, then stream the answer to the session's last turn into a new assistant message
-        (the caller holds the claim). `replaces`: an old answer to delete once the new one starts.
+        after the question `user_id` (the caller holds the claim).
 
         The question is already stored (the user sees it while waiting); the answer row is created only when the
         model is ours. So a request stopped in line, or a process killed while it waited, leaves the question
@@ -265,7 +295,7 @@ class ChatService:
             job.ticket = ticket = self.scheduler.submit(label=f"chat {conversation_id[:8]}", cancel=job.cancel)
         events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
         worker = threading.Thread(target=self._produce, name=f"generate-{conversation_id[:8]}",
-                                  args=(conversation_id, entry, params, system_prompt, user_id, replaces, ticket,
+                                  args=(conversation_id, entry, params, system_prompt, user_id, ticket,
                                         events.put), daemon=True)
         worker.start()
         try:
@@ -280,7 +310,7 @@ class ChatService:
             worker.join()
 
     def _produce(self, conversation_id: str, entry: _Entry, params: SamplingParams, system_prompt: str | None,
-                 user_id: int, replaces: int | None, ticket: Ticket, emit: Callable[[StreamEvent], None]) -> None:
+                 user_id: int, ticket: Ticket, emit: Callable[[StreamEvent], None]) -> None:
         with ticket:  # gives the model to the next in line however this ends, crash included
             for place in ticket.places():
                 emit(StreamEvent("queued", conversation_id, user_message_id=user_id, position=place))
@@ -288,11 +318,9 @@ class ChatService:
                 emit(StreamEvent("cancelled", conversation_id, user_message_id=user_id, text=STOPPED_IN_LINE))
                 return
             try:
-                if replaces is not None:
-                    self.store.delete_messages_from(replaces)
+                record = GenerationSettings.from_sampling(params, system_prompt).to_dict()
                 message_id = self.store.add_message(conversation_id, "assistant", "", status="streaming",
-                                                    settings=GenerationSettings.from_sampling(params, system_prompt).to_dict(),
-                                                    model=self.models.model_name)
+                                                    settings=record, model=self.models.model_name, parent_id=user_id)
             except Exception as e:  # in this thread an uncaught error would leave the reader waiting forever
                 emit(StreamEvent("error", conversation_id, text=f"Could not save the answer: {e}"))
                 return
@@ -358,20 +386,14 @@ class ChatService:
 
     # ------------------------------------------------------------------ other operations
     def delete_turn(self, conversation_id: str, message_id: int) -> int:
-        """Delete a question with its answer, or an answer alone; returns how many messages went."""
+        """Delete a question with its answers, or an answer alone, in all their versions (Store.delete_turn);
+        the turns after it stay. Returns how many messages went."""
         self._claim(conversation_id, threading.Event())
         try:
             messages = self._conversation(conversation_id)["messages"]
-            index = next((i for i, m in enumerate(messages) if m["id"] == message_id), None)
-            if index is None:
+            if not any(m["id"] == message_id for m in messages):
                 raise ChatError(f"Message {message_id} is not in this conversation.")
-            doomed = [message_id]
-            if messages[index]["role"] == "user" and index + 1 < len(messages) \
-                    and messages[index + 1]["role"] == "assistant":
-                doomed.append(messages[index + 1]["id"])
-            for doomed_id in doomed:
-                self.store.delete_message(doomed_id)
-            return len(doomed)
+            return self.store.delete_turn(message_id)
         finally:
             self._release(conversation_id)
 

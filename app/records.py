@@ -34,16 +34,32 @@ class Message:
     settings: dict | None  # the generation settings an answer was made with
     timings: dict | None  # speed, token counts and backend of an answer
     created_at: str | None
+    # Its versions (regenerated answers, edited questions), oldest first, this one among them; see app.store.
+    variant_ids: tuple[int, ...] = ()
 
     @property
     def is_user(self) -> bool:
         return self.role == "user"
 
+    @property
+    def variant_count(self) -> int:
+        return max(1, len(self.variant_ids))
+
+    @property
+    def variant_index(self) -> int:
+        """1-based place among its versions."""
+        return self.variant_ids.index(self.id) + 1 if self.id in self.variant_ids else 1
+
+    def variant(self, step: int) -> int | None:
+        """The id of the version `step` places away (-1: the one before), None past either end."""
+        index = self.variant_index - 1 + step
+        return self.variant_ids[index] if 0 <= index < len(self.variant_ids) else None
+
     @classmethod
     def from_row(cls, row: dict) -> Message:
         return cls(row["id"], row["role"], row.get("text") or "", row.get("status") or "complete", row.get("error"),
                    tuple(Attachment.from_row(a) for a in row.get("attachments") or ()), row.get("settings"),
-                   row.get("timings"), row.get("created_at"))
+                   row.get("timings"), row.get("created_at"), tuple(row.get("variant_ids") or ()))
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,10 @@ class Conversation:
     @property
     def display_title(self) -> str:
         return self.title or UNTITLED
+
+    def message(self, message_id: int | None) -> Message | None:
+        """The message with this id on the current path, if it is there."""
+        return next((m for m in self.messages if m.id == message_id), None)
 
     def last_question(self) -> Message | None:
         """The last user message: what Edit changes and Regenerate answers again."""

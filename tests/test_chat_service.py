@@ -12,7 +12,7 @@ from app.chat_service import STOPPED_IN_LINE, ChatError, ChatService, ModelManag
 from app.scheduler import Scheduler
 from app.settings import GenerationSettings
 from app.store import Store
-from engine.chat import ChatSession
+from engine.chat import ASSISTANT, USER, ChatSession, Turn
 from engine.demo import DEMO_DIR, DEMO_NAME
 from engine.generation import SamplingParams
 
@@ -349,7 +349,7 @@ def test_an_edit_in_line_is_stored_at_once_without_its_old_answer(service, store
 
 
 # ---------------------------------------------------------------------- regenerate, edit, delete
-def test_regenerate_replaces_the_answer_and_reuses_the_cache(service, store):
+def test_regenerate_shows_the_new_answer_keeps_the_old_and_reuses_the_cache(service, store):
     first = ask(service, None, "Describe this.", [png("purple")])
     cid = first.conversation_id
     events, again = run(service.regenerate(cid, GREEDY))
@@ -358,6 +358,79 @@ def test_regenerate_replaces_the_answer_and_reuses_the_cache(service, store):
     messages = store.get_conversation(cid)["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[1]["id"] == again.message_id != first.message_id
+    # The old answer is kept as the first version.
+    assert (messages[1]["variant_index"], messages[1]["variant_count"]) == (2, 2)
+    assert messages[1]["variant_ids"] == [first.message_id, again.message_id]
+
+
+def test_regenerate_twice_then_flip_back_to_the_first_answer(service, store, models):
+    sampled = [{"temperature": 1.0, "seed": seed, "max_new_tokens": 6} for seed in (1, 2, 3)]
+    first = ask(service, None, "Tell me a story.", settings=sampled[0])
+    cid = first.conversation_id
+    answers = [first] + [run(service.regenerate(cid, settings))[1] for settings in sampled[1:]]
+    assert [a.kind for a in answers] == ["done"] * 3
+    assert answers[0].text != answers[2].text  # seeded: three different answers to tell apart
+    assert all(a.stats["reused_tokens"] == a.stats["prompt_tokens"] - 1 for a in answers[1:])
+    last = store.get_conversation(cid)["messages"][-1]
+    assert last["variant_ids"] == [a.message_id for a in answers] and last["variant_index"] == 3
+    assert last["text"] == answers[2].text
+
+    service.select_variant(cid, answers[0].message_id)
+    shown = store.get_conversation(cid)["messages"][-1]
+    assert (shown["id"], shown["text"], shown["variant_index"], shown["variant_count"]) == \
+        (answers[0].message_id, first.text, 1, 3)
+    # The conversation goes on from the answer shown: the model sees that answer (the prompt is the same as a
+    # fresh session's for these turns) and only what follows the question is computed again.
+    nxt = ask(service, cid, "And then?")
+    assert nxt.stats["reused_tokens"] > 0
+    expected = ChatSession(models.runtime)
+    expected.turns = [Turn(USER, "Tell me a story."), Turn(ASSISTANT, first.text)]
+    expected.add_user("And then?")
+    assert nxt.text == expected.answer(SamplingParams(max_new_tokens=6))
+    assert [m["text"] for m in store.get_conversation(cid)["messages"]] == \
+        ["Tell me a story.", first.text, "And then?", nxt.text]
+    # Flipping to the third answer leaves that branch's later turn behind (still one flip away).
+    service.select_variant(cid, answers[2].message_id)
+    assert [m["id"] for m in store.get_conversation(cid)["messages"]][1:] == [answers[2].message_id]
+    again = run(service.regenerate(cid, GREEDY))[1]
+    assert again.stats["reused_tokens"] == again.stats["prompt_tokens"] - 1
+    with pytest.raises(ChatError, match="not a version"):
+        service.select_variant(cid, nxt.message_id)  # not on the path any more, nor beside a message on it
+
+
+def test_edit_the_first_question_forks_and_the_old_branch_stays(service, store, models):
+    first = ask(service, None, "First question")
+    cid = first.conversation_id
+    ask(service, cid, "Second question")
+    ask(service, cid, "Third question")
+    old_path = store.get_conversation(cid)["messages"]
+    events, edited = run(service.edit(cid, old_path[0]["id"], "A new first question", GREEDY))
+    assert edited.kind == "done"
+    messages = store.get_conversation(cid)["messages"]
+    assert [m["text"] for m in messages] == ["A new first question", edited.text]
+    assert edited.text == fresh_answers(models.runtime, [("A new first question", [])])[0]
+    assert messages[0]["variant_ids"] == [old_path[0]["id"], messages[0]["id"]]
+    assert store.list_conversations()[0]["message_count"] == 2
+    # The old branch, all three turns, is one flip away; the conversation goes on from it as before.
+    service.select_variant(cid, old_path[0]["id"])
+    back = store.get_conversation(cid)["messages"]
+    assert [(m["id"], m["text"]) for m in back] == [(m["id"], m["text"]) for m in old_path]
+    assert (back[0]["variant_index"], back[0]["variant_count"]) == (1, 2)
+    more = ask(service, cid, "Fourth question")
+    assert more.stats["reused_tokens"] > 0
+    assert [m["text"] for m in store.get_conversation(cid)["messages"]][-2:] == ["Fourth question", more.text]
+    with pytest.raises(ChatError, match="not a version"):
+        service.select_variant(cid, 10**9)
+
+
+def test_edit_refuses_an_answer_and_a_stranger(service, store):
+    first = ask(service, None, "Only question")
+    cid = first.conversation_id
+    before = store.get_conversation(cid)
+    for message_id, message in [(first.message_id, "Only your own messages"), (10**9, "not in this conversation")]:
+        events, last = run(service.edit(cid, message_id, "changed", GREEDY))
+        assert last.kind == "error" and message in last.text
+    assert store.get_conversation(cid) == before
 
 
 def test_edit_last_equals_a_fresh_session(service, store, models):

@@ -53,6 +53,27 @@ def test_a_chat_as_the_ui_makes_it(services):
     assert (summary.id, summary.message_count, summary.display_title) == (cid, 4, conversation.display_title)
 
 
+def test_versions_as_the_ui_shows_and_flips_them(services):
+    from ui import views
+
+    done = answer(services, None, "Which bird is this?", [png("blue")])
+    cid = done.conversation_id
+    again = list(services.chat.regenerate(cid, GREEDY))[-1]
+    question, shown = services.history.get(cid).messages
+    assert (shown.id, shown.variant_index, shown.variant_count) == (again.message_id, 2, 2)
+    assert (shown.variant(-1), shown.variant(1), question.variant(-1)) == (done.message_id, None, None)
+    messages, _ = views.transcript(services.history.get(cid))
+    assert f'class="variant-nav variant-{done.message_id}"' in messages[1]["content"]  # ‹ goes to the first
+    assert "2/2" in messages[1]["content"] and "variants" not in str(messages[0]["content"])
+
+    edited = list(services.chat.edit(cid, question.id, "Which fish is this?", GREEDY))[-1]
+    new_question = services.history.get(cid).messages[0]
+    assert new_question.text == "Which fish is this?" and new_question.attachments == question.attachments
+    assert new_question.variant(-1) == question.id and edited.kind == "done"
+    services.chat.select_variant(cid, question.id)
+    assert [m.id for m in services.history.get(cid).messages] == [question.id, again.message_id]
+
+
 def test_history_actions(services):
     cid = answer(services, None, "zebra crossing question").conversation_id
     hits = services.history.search("zebra", highlight=("<", ">"))

@@ -312,6 +312,153 @@ def test_delete_message_and_messages_from(store):
     assert [m["position"] for m in messages] == sorted(m["position"] for m in messages)
 
 
+# -- conversation trees: versions of answers and questions -------------------
+
+
+def path_of(store: Store, cid: str) -> list[tuple[str, str, int, int]]:
+    """(role, text, variant index, variant count) of each message on the current path."""
+    return [
+        (m["role"], m["text"], m["variant_index"], m["variant_count"])
+        for m in store.get_conversation(cid)["messages"]
+    ]
+
+
+def three_turns(store: Store) -> tuple[str, list[int]]:
+    cid = store.create_conversation()
+    ids = [
+        store.add_message(cid, role, text)
+        for role, text in [("user", "q1"), ("assistant", "a1"), ("user", "q2"),
+                           ("assistant", "a2"), ("user", "q3"), ("assistant", "a3")]
+    ]
+    return cid, ids
+
+
+def test_old_linear_conversation_becomes_a_path(tmp_path):
+    data_dir = tmp_path / "old"
+    make_old_database(data_dir)
+    conn = sqlite3.connect(data_dir / "history.db")
+    t = "2024-05-01T12:00:00.000000+00:00"
+    conn.execute(
+        "INSERT INTO messages (conversation_id, position, role, text, created_at, updated_at)"
+        " VALUES ('old', 2, 'user', 'and its feathers?', ?, ?)",
+        [t, t],
+    )
+    conn.commit()
+    conn.close()
+    with Store(data_dir) as s:
+        messages = s.get_conversation("old")["messages"]
+        assert [m["text"] for m in messages] == ["an archaeopteryx picture", "A bird.", "and its feathers?"]
+        assert [m["parent_id"] for m in messages] == [None, messages[0]["id"], messages[1]["id"]]
+        assert all((m["variant_index"], m["variant_count"]) == (1, 1) for m in messages)
+        assert s.list_conversations()[0]["message_count"] == 3
+        # It grows into a tree like any other: a second answer to the first question.
+        again = s.add_message("old", "assistant", "An early bird.", parent_id=messages[0]["id"])
+        assert [m["id"] for m in s.get_conversation("old")["messages"]] == [messages[0]["id"], again]
+
+
+def test_regenerated_answers_are_versions_and_can_be_flipped(store):
+    cid, (q1, a1, *_rest) = three_turns(store)
+    q2 = _rest[0]
+    # Two more answers to the first question: each goes on the path, which ends there (a new branch).
+    b1 = store.add_message(cid, "assistant", "b1", parent_id=q1)
+    c1 = store.add_message(cid, "assistant", "c1", parent_id=q1)
+    assert path_of(store, cid) == [("user", "q1", 1, 1), ("assistant", "c1", 3, 3)]
+    assert store.get_conversation(cid)["messages"][1]["variant_ids"] == [a1, b1, c1]
+    assert store.list_conversations()[0]["message_count"] == 2
+    # Back to the first answer: the turns that followed it come back with it.
+    store.select_message(a1)
+    assert [text for _, text, _, _ in path_of(store, cid)] == ["q1", "a1", "q2", "a2", "q3", "a3"]
+    assert path_of(store, cid)[1] == ("assistant", "a1", 1, 3)
+    # A new message continues the path shown.
+    d2 = store.add_message(cid, "assistant", "d2", parent_id=q2)
+    assert path_of(store, cid)[2:] == [("user", "q2", 1, 1), ("assistant", "d2", 2, 2)]
+    more = store.add_message(cid, "user", "q3 after d2")
+    assert store.get_conversation(cid)["messages"][-1]["parent_id"] == d2 and more
+    # Each branch remembers where it was left: c1, then a1 again shows d2 and what followed it.
+    store.select_message(c1)
+    assert [text for _, text, _, _ in path_of(store, cid)] == ["q1", "c1"]
+    store.select_message(a1)
+    assert [text for _, text, _, _ in path_of(store, cid)] == ["q1", "a1", "q2", "d2", "q3 after d2"]
+    # Selecting a message deep in another branch brings its whole branch.
+    store.select_message(_rest[3])  # a3, under a2
+    assert [text for _, text, _, _ in path_of(store, cid)] == ["q1", "a1", "q2", "a2", "q3", "a3"]
+
+
+def test_an_edited_question_forks_and_the_old_branch_stays(store):
+    cid, ids = three_turns(store)
+    q1 = ids[0]
+    edited = store.add_message(cid, "user", "q1, better", parent_id=None)
+    answer = store.add_message(cid, "assistant", "a1 to the better q1", parent_id=edited)
+    assert path_of(store, cid) == [("user", "q1, better", 2, 2), ("assistant", "a1 to the better q1", 1, 1)]
+    assert store.get_conversation(cid)["messages"][0]["variant_ids"] == [q1, edited]
+    # Both versions stay searchable; the old branch is one selection away.
+    assert {h["message_id"] for h in store.search("q1")} == {q1, edited, answer}
+    store.select_message(q1)
+    assert [m["id"] for m in store.get_conversation(cid)["messages"]] == ids
+    store.select_message(answer)
+    assert [m["id"] for m in store.get_conversation(cid)["messages"]] == [edited, answer]
+
+
+def test_tree_input_is_checked(store):
+    cid, ids = three_turns(store)
+    other = store.create_conversation()
+    before = store.get_conversation(cid)
+    with pytest.raises(StoreError, match="not in conversation"):
+        store.add_message(other, "user", "x", parent_id=ids[0])
+    with pytest.raises(StoreError, match="unknown message"):
+        store.add_message(cid, "user", "x", parent_id=99999)
+    with pytest.raises(StoreError, match="parent_id"):
+        store.add_message(cid, "user", "x", parent_id="last")
+    for call in (store.select_message, store.delete_turn, store.delete_messages_from, store.delete_message):
+        with pytest.raises(StoreError, match="unknown message"):
+            call(99999)
+    assert store.get_conversation(cid) == before and store.get_conversation(other)["messages"] == []
+
+
+def test_deleting_in_a_tree(tmp_path, store):
+    cid, (q1, a1, q2, a2, q3, a3) = three_turns(store)
+    sha = store.add_attachment(png("red"), "only-in-the-fork.png")
+    fork = store.add_message(cid, "user", "q2, again", [sha], parent_id=a1)
+    fork_answer = store.add_message(cid, "assistant", "fork answer", parent_id=fork)
+    store.add_message(cid, "user", "fork q3")
+    # Deleting from the fork's question takes its whole branch (and the image only it used);
+    # the path falls back to the other version.
+    assert store.delete_messages_from(fork) == 3
+    assert files(tmp_path) == []
+    assert [m["id"] for m in store.get_conversation(cid)["messages"]] == [q1, a1, q2, a2, q3, a3]
+    assert {h["message_id"] for h in store.search("fork")} == set()
+
+    # Deleting a turn takes every version of it; the turns after it follow the turn before.
+    b2 = store.add_message(cid, "assistant", "b2", parent_id=q2)
+    store.add_message(cid, "user", "q3 after b2")
+    assert store.delete_turn(q2) == 3  # q2 with a2 and b2
+    messages = store.get_conversation(cid)["messages"]
+    assert [m["text"] for m in messages] == ["q1", "a1", "q3 after b2"]  # the branch shown stays shown
+    assert messages[2]["parent_id"] == a1 and messages[2]["variant_count"] == 2
+    store.select_message(q3)
+    assert [m["text"] for m in store.get_conversation(cid)["messages"]] == ["q1", "a1", "q3", "a3"]
+    # An answer's turn is all its versions; one message alone leaves the rest in place.
+    store.add_message(cid, "assistant", "other a3", parent_id=q3)
+    assert store.delete_turn(a3) == 2
+    assert [m["text"] for m in store.get_conversation(cid)["messages"]] == ["q1", "a1", "q3"]
+    store.delete_message(a1)
+    messages = store.get_conversation(cid)["messages"]
+    assert [m["text"] for m in messages] == ["q1", "q3"] and messages[1]["variant_count"] == 2
+    assert store.list_conversations()[0]["message_count"] == 2
+
+
+def test_export_holds_the_current_path_and_imports_as_one(store):
+    cid, ids = three_turns(store)
+    store.add_message(cid, "assistant", "a1, second version", parent_id=ids[0])
+    store.select_message(ids[1])
+    data = store.export_conversation(cid)
+    assert [m["text"] for m in data["messages"]] == ["q1", "a1", "q2", "a2", "q3", "a3"]
+    imported = store.get_conversation(store.import_conversation(data))["messages"]
+    assert [m["text"] for m in imported] == ["q1", "a1", "q2", "a2", "q3", "a3"]
+    assert [m["parent_id"] for m in imported] == [None] + [m["id"] for m in imported[:-1]]
+    assert all(m["variant_count"] == 1 for m in imported)
+
+
 def test_threads_share_one_store(store):
     cid = store.create_conversation()
     errors = []

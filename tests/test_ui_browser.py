@@ -501,7 +501,8 @@ def test_edit_regenerate_delete_rename(page, store):
     wait_answer_finished(page)
     conversation_id = find_conversation(store, "osprey")["id"]
 
-    # Edit last message: the text comes back into the box; sending replaces the question and its answer.
+    # Edit message (none selected: the last): the text comes back into the box; sending shows the new
+    # question and its answer in place of the old ones (which stay as version 1/2, see the fork test below).
     page.click("#edit-btn")
     page.wait_for_selector("#edit-bar", state="visible")
     box = page.locator("#chat-input textarea")
@@ -515,7 +516,7 @@ def test_edit_regenerate_delete_rename(page, store):
     assert [(m["role"], m["text"]) for m in messages][0] == ("user", "Second draft about a heron")
     assert len(messages) == 2 and "osprey" not in page.locator("#chatbot").inner_text()
 
-    # Regenerate replaces the answer with a new one.
+    # Regenerate shows a new answer (the old one is kept as version 1/2).
     old_answer = messages[1]["id"]
     page.click("#regenerate-btn")
     deadline = time.monotonic() + 30
@@ -525,8 +526,10 @@ def test_edit_regenerate_delete_rename(page, store):
             break
         time.sleep(0.1)
     else:
-        pytest.fail(f"regenerate did not replace the answer: {messages}")
+        pytest.fail(f"regenerate did not show a new answer: {messages}")
     wait_answer_finished(page)
+    assert messages[1]["variant_ids"] == [old_answer, messages[1]["id"]]
+    wait_versions(page, "#chatbot [data-testid=bot]", "2/2")
 
     # Rename, then Delete turn empties the transcript.
     page.fill("#rename-box input", "Bird notes")
@@ -548,6 +551,81 @@ def test_edit_regenerate_delete_rename(page, store):
     page.click("#delete-yes-btn")
     page.wait_for_selector("#history-list label:has-text('Bird notes')", state="detached")
     assert conversation_id not in {c["id"] for c in store.list_conversations(limit=1000)}
+
+
+def versions_shown(page, selector: str) -> str:
+    """The "‹ i/n ›" text under the last message matching `selector` ("" when it has no other versions)."""
+    bubbles = page.locator(selector)
+    nav = bubbles.nth(bubbles.count() - 1).locator(".variants")
+    return nav.inner_text().replace("\u2039", "").replace("\u203a", "").strip() if nav.count() else ""
+
+
+def wait_versions(page, selector: str, text: str) -> None:
+    page.wait_for_function("""([s, t]) => { const b = document.querySelectorAll(s);
+        const nav = b.length ? b[b.length - 1].querySelector('.variants') : null;
+        return nav !== null && nav.innerText.includes(t); }""", arg=[selector, text])
+
+
+def test_regenerate_twice_and_flip_back_to_the_first_answer(page, store):
+    set_max_new_tokens(page, 12)
+    send(page, "Tell me about a kingfisher")
+    first_text = wait_answer_finished(page)
+    conversation = find_conversation(store, "kingfisher")
+    first_id = conversation["messages"][1]["id"]
+    for count in (2, 3):
+        page.click("#regenerate-btn")
+        wait_versions(page, "#chatbot [data-testid=bot]", f"{count}/{count}")
+        wait_answer_finished(page)
+    path = store.get_conversation(conversation["id"])["messages"]
+    assert len(path) == 2 and path[1]["variant_count"] == 3 and path[1]["variant_ids"][0] == first_id
+    assert "1/3" not in page.locator("#chatbot").inner_text()
+
+    # ‹ twice: back to the first answer, in the transcript and in the store (what the next message follows).
+    for shown in ("2/3", "1/3"):
+        page.locator("#chatbot [data-testid=bot] .variants button[title='Previous version']").last.click()
+        wait_versions(page, "#chatbot [data-testid=bot]", shown)
+    assert versions_shown(page, "#chatbot [data-testid=bot]") == "1/3"
+    assert last_answer(page).startswith(first_text.strip())
+    assert store.get_conversation(conversation["id"])["messages"][1]["id"] == first_id
+    assert page.locator("#chatbot [data-testid=bot] .variants .variant-end").count() == 1  # no ‹ before 1/3
+    page.wait_for_selector("#notice", state="hidden")
+
+
+def test_edit_the_first_message_of_a_three_turn_conversation_and_see_the_fork(page, store):
+    set_max_new_tokens(page, 8)
+    questions = ["Three turns about a puffin", "Second turn", "Third turn"]
+    for question in questions:
+        send(page, question)
+        page.wait_for_function("(q) => document.querySelector('#chatbot').innerText.includes(q)", arg=question)
+        wait_answer_finished(page)
+        expect_count(page, "#chatbot [data-testid=bot]", questions.index(question) + 1)
+    conversation_id = find_conversation(store, "puffin")["id"]
+    old_path = [m["id"] for m in store.get_conversation(conversation_id)["messages"]]
+    assert len(old_path) == 6
+
+    # Select the first question, Edit message: it comes back into the box; send it changed.
+    page.locator("#chatbot [data-testid=user]").first.click()
+    page.wait_for_selector("#notice:has-text('Message 1 selected')")
+    page.click("#edit-btn")
+    page.wait_for_selector("#edit-bar:has-text('Editing message 1')")
+    box = page.locator("#chat-input textarea")
+    assert box.input_value() == questions[0]
+    box.fill("One turn about an auk")
+    box.press("Enter")
+    page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('auk')")
+    wait_answer_finished(page)
+    expect_count(page, "#chatbot [data-testid=user]", 1)
+    assert versions_shown(page, "#chatbot [data-testid=user]") == "2/2"
+    assert "puffin" not in page.locator("#chatbot").inner_text()
+    messages = store.get_conversation(conversation_id)["messages"]
+    assert [m["text"] for m in messages][0] == "One turn about an auk" and len(messages) == 2
+
+    # ‹ on the question: the old branch is back, all three turns of it.
+    page.locator("#chatbot [data-testid=user] .variants button[title='Previous version']").click()
+    expect_count(page, "#chatbot [data-testid=user]", 3)
+    assert "puffin" in page.locator("#chatbot").inner_text() and "auk" not in page.locator("#chatbot").inner_text()
+    assert [m["id"] for m in store.get_conversation(conversation_id)["messages"]] == old_path
+    page.wait_for_selector("#history-list label:has-text('6 msg')")
 
 
 def test_laptop_screen_keeps_input_and_tools_in_view(browser, server, store):

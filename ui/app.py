@@ -11,7 +11,8 @@ Stable element ids (for the browser tests and for custom CSS):
     notice              errors and hints for the chat (bad image, overflow, model still loading, place in line)
     gen-stats           speed and token counts of the last answer
     stop-btn regenerate-btn edit-btn delete-turn-btn      transcript actions
-    edit-bar cancel-edit-btn                              shown while editing the last message
+    edit-bar edit-note cancel-edit-btn                    shown while editing a message
+    variant-events      hidden: receives the clicks on the ‹ › version arrows (.variant-nav) in the transcript
     context-meter       tokens and image slots left, overflow warning
     settings-panel      temperature top-p top-k max-new-tokens repetition-penalty seed system-prompt
     screen-panel        monitor capture-btn

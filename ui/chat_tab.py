@@ -1,5 +1,6 @@
 """The Chat tab: the transcript, the input box, the transcript actions (stop, regenerate, edit, delete turn),
-the context meter, the generation settings and the attachment panels (PDF pages, screen capture).
+the ‹ 2/3 › arrows that flip between the versions of a message, the context meter, the generation settings and
+the attachment panels (PDF pages, screen capture).
 
 Every read and write goes through `app` services (`services.chat`, `services.history`); this module only
 shows their records and turns their errors into notices.
@@ -19,6 +20,7 @@ from app.services import USER_ERRORS, Services
 from . import views
 from .common import EMPTY_INPUT, QUIET, guard, hide, input_parts, scratch_file, show, with_files
 from .settings_panel import SettingsPanel
+from .style import VARIANT_JS
 
 STREAM_INTERVAL_S = 0.05  # at most ~20 transcript updates a second while an answer streams
 # Pasting more than this into the input turns the text into a .txt attachment (a gradio feature); keep
@@ -53,8 +55,8 @@ class ChatTab:
         self.preferences = services.preferences
         self.conv = conv  # the open conversation's id; None: a new chat (created on the first send)
         self.ids = gr.State([])  # the message id behind each chatbot message
-        self.selected = gr.State(None)  # message id picked in the transcript (target of Delete turn)
-        self.editing = gr.State(False)  # the next send replaces the last question
+        self.selected = gr.State(None)  # message id picked in the transcript (target of Edit and Delete turn)
+        self.editing = gr.State(None)  # the question being edited (its id): the next send adds a version of it
         self.pdf_path = gr.State(None)  # the uploaded PDF: {"path", "count", "thumbs"}
         self.checked = gr.State([])  # attached files already checked (checking decodes the whole image)
         # True once this server ran the page's load event; a new server starts every session at False.
@@ -80,8 +82,10 @@ class ChatTab:
             placeholder="Ask about an image: attach it (upload, paste or drag and drop) and type a question.",
         )
         self.stats = gr.Markdown("", elem_id="gen-stats")
+        # Clicks on the ‹ › arrows inside the transcript arrive as this (hidden) element's click events.
+        self.variant_events = gr.HTML("", elem_id="variant-events", js_on_load=VARIANT_JS)
         with gr.Row(visible=False, elem_id="edit-bar") as self.edit_bar:
-            gr.Markdown("✎ **Editing your last message** — send to replace it and get a new answer (its images stay).")
+            self.edit_note = gr.Markdown("", elem_id="edit-note")
             self.cancel_edit_btn = gr.Button("Cancel edit", size="sm", scale=0, elem_id="cancel-edit-btn")
         self.notice = gr.HTML("", visible=False, elem_id="notice")
         self.input = gr.MultimodalTextbox(
@@ -94,7 +98,7 @@ class ChatTab:
                                       min_width=70)
             self.regenerate_btn = gr.Button("↻ Regenerate", size="sm", elem_id="regenerate-btn", interactive=False,
                                             min_width=70)
-            self.edit_btn = gr.Button("✎ Edit last message", size="sm", elem_id="edit-btn", interactive=False,
+            self.edit_btn = gr.Button("✎ Edit message", size="sm", elem_id="edit-btn", interactive=False,
                                       min_width=70)
             self.delete_turn_btn = gr.Button("✕ Delete turn", size="sm", elem_id="delete-turn-btn",
                                              interactive=False, min_width=70)
@@ -144,7 +148,7 @@ class ChatTab:
         """Everything in this tab that changes when a conversation is opened (None: a fresh new chat)."""
         messages, message_ids = views.transcript(conversation)
         return {self.conv: conversation.id if conversation else None, self.chatbot: messages, self.ids: message_ids,
-                self.selected: None, self.editing: False, self.edit_bar: gr.update(visible=False), self.stats: "",
+                self.selected: None, self.editing: None, self.edit_bar: gr.update(visible=False), self.stats: "",
                 **self.settings.show(self.preferences.settings_for(conversation.id if conversation else None)),
                 **self.actions(bool(message_ids)), **hide(self.notice),
                 self.follow_timer: gr.Timer(active=self.history.written_elsewhere(conversation and conversation.id))}
@@ -216,7 +220,7 @@ class ChatTab:
             messages.append({"role": "assistant", "content": place or views.STREAMING_CURSOR})
             message_ids.append(answer_id)
         update = {self.conv: conversation_id, self.chatbot: messages, self.ids: message_ids, self.selected: None,
-                  self.editing: False, self.edit_bar: gr.update(visible=False), self.stats: "",
+                  self.editing: None, self.edit_bar: gr.update(visible=False), self.stats: "",
                   **self.actions(True, streaming=True)}
         update.update(show(self.notice, f"{place}: the answer starts when the model is free; Stop leaves the line.",
                            "info") if place else hide(self.notice))
@@ -236,15 +240,15 @@ class ChatTab:
             return
         yield from self.submit(*args)
 
-    def submit(self, conversation_id, value, is_editing, *settings_values):
+    def submit(self, conversation_id, value, editing_id, *settings_values):
         text, files = input_parts(value)
         settings = self.settings.read(settings_values)
-        if is_editing and conversation_id:
+        if editing_id and conversation_id:
             if files:
                 yield show(self.notice, "Editing keeps the message's images; remove the new attachments, "
                                         "or cancel the edit and send them as a new message.")
                 return
-            events = self.chat.edit_last(conversation_id, text, settings)
+            events = self.chat.edit(conversation_id, editing_id, text, settings)
         else:
             events = self.chat.send(conversation_id, text, files, settings)
         yield from self.stream(events, conversation_id, settings, clear_input=True)
@@ -263,24 +267,46 @@ class ChatTab:
         return show(self.notice, "Nothing is being generated right now.", "info")
 
     # ------------------------------------------------------------------ transcript actions
-    def start_edit(self, conversation_id):
+    def start_edit(self, conversation_id, selected_id):
+        """Put a question back into the input box: the selected one (or the question of a selected answer),
+        else the last one. Sending it then adds a new version of that question (see submit)."""
         conversation = self.history.get(conversation_id)
-        question = conversation.last_question() if conversation else None
+        if conversation is None:
+            return show(self.notice, "There is no message to edit yet.", "info")
+        picked = conversation.message(selected_id)
+        if picked is not None and not picked.is_user:
+            index = conversation.messages.index(picked)
+            picked = conversation.messages[index - 1] if index and conversation.messages[index - 1].is_user else None
+        question = picked or conversation.last_question()
         if question is None:
             return show(self.notice, "There is no message to edit yet.", "info")
-        return {self.input: {"text": question.text, "files": []}, self.editing: True,
-                self.edit_bar: gr.update(visible=True), **hide(self.notice)}
+        number = conversation.messages.index(question) + 1
+        which = "your last message" if question == conversation.last_question() else f"message {number}"
+        note = (f"✎ **Editing {which}** — send to ask it this way and get a new answer; the earlier version stays "
+                "(‹ › on the message flips between them). Its images stay.")
+        return {self.input: {"text": question.text, "files": []}, self.editing: question.id,
+                self.edit_note: note, self.edit_bar: gr.update(visible=True), **hide(self.notice)}
 
     def cancel_edit(self):
-        return {self.input: EMPTY_INPUT, self.editing: False, self.edit_bar: gr.update(visible=False)}
+        return {self.input: EMPTY_INPUT, self.editing: None, self.edit_bar: gr.update(visible=False)}
+
+    def show_variant(self, conversation_id, evt: gr.EventData):
+        """An arrow ‹ › was clicked: show that version of the message (and the branch that follows it)."""
+        message_id = (getattr(evt, "_data", None) or {}).get("message")
+        if not conversation_id or not isinstance(message_id, int):
+            return show(self.notice, "That version is no longer there; reload the page.", "info")
+        self.chat.select_variant(conversation_id, message_id)
+        return {**self.transcript_updates(conversation_id), self.selected: None, self.stats: "",
+                self.editing: None, self.edit_bar: gr.update(visible=False), **hide(self.notice)}
 
     def pick_message(self, message_ids, evt: gr.SelectData):
         index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         if not isinstance(index, int) or not 0 <= index < len(message_ids):
             return {self.selected: None}
         return {self.selected: message_ids[index],
-                **show(self.notice, f"Message {index + 1} selected: “Delete turn” deletes it"
-                                    " (a question goes with its answer).", "info")}
+                **show(self.notice, f"Message {index + 1} selected: “Edit message” edits it (or its question), "
+                                    "“Delete turn” deletes it in all its versions (a question goes with its "
+                                    "answers).", "info")}
 
     def delete_turn(self, conversation_id, message_ids, selected_id):
         conversation = self.history.get(conversation_id)
@@ -404,10 +430,13 @@ class ChatTab:
                                                self.stream_outputs, **streaming))
         for trigger in (self.stop_btn.click, self.input.stop):
             trigger(g(self.stop), [self.conv], [self.notice], queue=False, **QUIET)
-        self.edit_btn.click(g(self.start_edit), [self.conv], [self.input, self.editing, self.edit_bar, self.notice],
-                            **QUIET)
+        self.edit_btn.click(g(self.start_edit), [self.conv, self.selected],
+                            [self.input, self.editing, self.edit_note, self.edit_bar, self.notice], **QUIET)
         self.cancel_edit_btn.click(self.cancel_edit, None, [self.input, self.editing, self.edit_bar], **QUIET)
         self.chatbot.select(g(self.pick_message), [self.ids], [self.selected, self.notice], **QUIET)
+        then_refresh(self.variant_events.click(g(self.show_variant), [self.conv],
+                                               [self.chatbot, self.ids, self.selected, self.stats, self.notice,
+                                                self.editing, self.edit_bar, *self.action_buttons], **QUIET))
         then_refresh(self.delete_turn_btn.click(g(self.delete_turn), [self.conv, self.ids, self.selected],
                                                 [self.chatbot, self.ids, self.selected, self.stats, self.notice,
                                                  *self.action_buttons], **QUIET))

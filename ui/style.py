@@ -50,6 +50,12 @@ CSS = """
      images the box has their own shape, so nothing is cut). */
   min-height: 24px; min-width: 24px; object-fit: cover; }
 #gen-stats { font-size: 0.8em; opacity: 0.7; min-height: 1.2em; }
+/* ‹ 2/3 › under a message with other versions (views.variant_nav) */
+#chatbot .variants { font-size: 0.85em; opacity: 0.75; white-space: nowrap; user-select: none; }
+#chatbot .variants button { padding: 0 6px; border-radius: 4px; cursor: pointer; font-weight: 600; }
+#chatbot .variants button:hover { background: var(--background-fill-secondary); opacity: 1; }
+#chatbot .variants .variant-end { padding: 0 6px; opacity: 0.35; }
+#variant-events { display: none; }
 
 /* ---- notices ---- */
 .notice { padding: 8px 12px; border-radius: 8px; border: 1px solid; }
@@ -117,4 +123,18 @@ KEEP_DRAFT_JS = """
   };
   start();
 }
+"""
+
+# The ‹ › arrows live inside chatbot messages, which have no per-message events of their own: one listener
+# (capturing, so the chatbot does not also treat the click as selecting the message) turns a click on an
+# arrow into a `click` event of the hidden #variant-events element, carrying the id of the version to show.
+VARIANT_JS = r"""
+document.addEventListener('click', (event) => {
+  const arrow = event.target.closest('#chatbot .variant-nav');
+  if (!arrow) return;
+  event.stopPropagation();
+  event.preventDefault();
+  const match = [...arrow.classList].map((name) => /^variant-(\d+)$/.exec(name)).find(Boolean);
+  if (match) trigger('click', {message: Number(match[1])});
+}, true);
 """

@@ -25,7 +25,7 @@ def transcript(conversation: Conversation | None, streaming_id: int | None = Non
     """Chatbot messages for a conversation, and the message id behind each of them (same order).
 
     A user turn shows its images (as thumbnails) above its text. `streaming_id` marks the answer being
-    written so it gets a cursor.
+    written so it gets a cursor. A message with other versions ends with "‹ 2/3 ›" (see variant_nav).
     """
     if not conversation:
         return [], []
@@ -33,15 +33,33 @@ def transcript(conversation: Conversation | None, streaming_id: int | None = Non
     for m in conversation.messages:
         if m.is_user:
             content: list[Any] = [{"path": a.path, "alt_text": a.name or "image"} for a in m.attachments]
-            if m.text:
-                content.append(m.text)
+            text = (m.text + variant_nav(m)).lstrip()
+            if text:
+                content.append(text)
             if not content:
                 content = ["(empty message)"]
             messages.append({"role": "user", "content": content})
         else:
-            messages.append({"role": "assistant", "content": answer_text(m, m.id == streaming_id)})
+            messages.append({"role": "assistant", "content": answer_text(m, m.id == streaming_id) + variant_nav(m)})
         ids.append(m.id)
     return messages, ids
+
+
+def variant_nav(message: Message) -> str:
+    """ "‹ 2/3 ›" under a message with other versions ("" without): each arrow is a button whose class names
+    the version it shows (`variant-<id>`; the chatbot's sanitizer keeps classes but not data attributes), and
+    VARIANT_JS in ui/style.py turns its click into an event."""
+    if message.variant_count < 2:
+        return ""
+
+    def arrow(step: int, glyph: str, label: str) -> str:
+        target = message.variant(step)
+        if target is None:
+            return f'<span class="variant-end">{glyph}</span>'
+        return f'<button class="variant-nav variant-{int(target)}" title="{label}">{glyph}</button>'
+
+    return (f'\n\n<span class="variants">{arrow(-1, "‹", "Previous version")} '
+            f'{message.variant_index}/{message.variant_count} {arrow(1, "›", "Next version")}</span>')
 
 
 def answer_text(message: Message, streaming: bool = False) -> str:
@@ -188,6 +206,9 @@ def model_markdown(info: dict) -> str:
               "input box.",
               "- Click a message in the transcript, then **Delete turn**, to delete that turn; without a selection "
               "the last turn goes.",
+              "- Click one of your messages, then **Edit message**, to ask it another way: the conversation forks "
+              "there. **Regenerate** adds another answer. The earlier versions stay: ‹ 2/3 › under a message "
+              "flips between them (and what followed each).",
               "- **PDF pages** renders the chosen pages at the model's input size and attaches them to your next "
               "message."]
     return "\n".join(parts)

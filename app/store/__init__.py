@@ -12,7 +12,7 @@ One module per concern, each a part of :class:`Store`:
 
     db.py             the connection, transactions, migrations (m001_..., applied once each)
     attachments.py    content-addressed files and their garbage collection
-    conversations.py  conversations and messages
+    conversations.py  conversations and messages: a tree (versions of answers and questions), its current path
     search.py         full-text search
     export.py         JSON and Markdown export, checked import
     preferences.py    the user's defaults (get_setting / set_setting)
@@ -21,13 +21,14 @@ One module per concern, each a part of :class:`Store`:
 
 from __future__ import annotations
 
+from .conversations import PATH_END
 from .db import BUSY_TIMEOUT_S, MIGRATIONS, ROLES, STATUSES, StoreError
 from .export import EXPORT_FORMAT, EXPORT_VERSION, Export
 from .preferences import Preferences
 from .search import Search, fts_query
 
 __all__ = [
-    "BUSY_TIMEOUT_S", "EXPORT_FORMAT", "EXPORT_VERSION", "MIGRATIONS", "ROLES", "STATUSES",
+    "BUSY_TIMEOUT_S", "EXPORT_FORMAT", "EXPORT_VERSION", "MIGRATIONS", "PATH_END", "ROLES", "STATUSES",
     "Store", "StoreError", "fts_query",
 ]
 

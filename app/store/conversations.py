@@ -1,16 +1,40 @@
-"""Conversations and their messages (each message with its attachments)."""
+"""Conversations and their messages (each message with its attachments).
+
+A conversation is a tree of messages: each message follows its ``parent_id`` (None for a first question).
+Regenerate adds an answer beside the old one; editing a question adds a new version of it beside the old
+one, which keeps everything that followed it. Of a parent's children the one chosen most recently (added,
+or picked with :meth:`select_message`) is on the *current path*: what :meth:`get_conversation` returns,
+what the model is shown, what export writes and what a new message follows. Each message on the path says
+which versions it has (``variant_ids``: the messages of its role with the same parent, oldest first).
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 from .attachments import Attachments, check_sha
 from .db import ROLES, STATUSES, StoreError, check_choice, from_json, to_json, utc_now
 
 TITLE_LENGTH = 60
+
+# add_message's default parent: the last message of the current path (a new message continues it).
+PATH_END: Final = "path end"
+
+# The current path's message ids, first question first, for every conversation at once in SQL: from the
+# most recently chosen first question, each step the most recently chosen child.
+PATH_CTE = """
+    WITH RECURSIVE path(id) AS (
+        SELECT (SELECT r.id FROM messages r WHERE r.conversation_id = c.id AND r.parent_id IS NULL
+                ORDER BY r.chosen DESC, r.id DESC LIMIT 1)
+        UNION ALL
+        SELECT (SELECT k.id FROM messages k WHERE k.parent_id = path.id
+                ORDER BY k.chosen DESC, k.id DESC LIMIT 1)
+        FROM path WHERE path.id IS NOT NULL
+    )
+"""
 
 
 def title_from(text: str) -> str | None:
@@ -22,6 +46,25 @@ def title_from(text: str) -> str | None:
         return words
     cut = words[:TITLE_LENGTH].rsplit(" ", 1)[0] or words[:TITLE_LENGTH]
     return cut + "…"
+
+
+def children_of(messages: Iterable[dict]) -> dict[int | None, list[dict]]:
+    """Message rows grouped by parent id, each group oldest first."""
+    children: dict[int | None, list[dict]] = {}
+    for m in sorted(messages, key=lambda m: m["id"]):
+        children.setdefault(m["parent_id"], []).append(m)
+    return children
+
+
+def current_path(children: dict[int | None, list[dict]]) -> list[dict]:
+    """From the first question on, each parent's most recently chosen child (see the module doc)."""
+    path: list[dict] = []
+    parent = None
+    while kids := children.get(parent):
+        chosen = max(kids, key=lambda m: (m["chosen"], m["id"]))
+        path.append(chosen)
+        parent = chosen["id"]
+    return path
 
 
 class Conversations(Attachments):
@@ -64,14 +107,14 @@ class Conversations(Attachments):
         return conversation_id
 
     def list_conversations(self, limit: int = 50, offset: int = 0) -> list[dict]:
-        """Most recently updated first, without messages."""
+        """Most recently updated first, without messages; ``message_count``
+        counts the messages of the current path (other versions aside)."""
         if limit < 0 or offset < 0:
             raise StoreError("limit and offset must not be negative")
         with self._lock:
             rows = self._rows(
-                """
-                SELECT c.*, (SELECT count(*) FROM messages m
-                             WHERE m.conversation_id = c.id) AS message_count
+                f"""
+                SELECT c.*, ({PATH_CTE} SELECT count(id) FROM path) AS message_count
                 FROM conversations c
                 ORDER BY c.updated_at DESC, c.rowid DESC
                 LIMIT ? OFFSET ?
@@ -83,12 +126,13 @@ class Conversations(Attachments):
         return rows
 
     def get_conversation(self, conversation_id: str) -> dict:
-        """The conversation with its messages in order, each with its
-        attachments; ``settings`` is what :meth:`set_conversation_settings`
-        last saved (None if never)."""
+        """The conversation with the messages of its current path in order,
+        each with its attachments and its versions (``variant_ids``, and
+        ``variant_index`` / ``variant_count``, 1-based); ``settings`` is what
+        :meth:`set_conversation_settings` last saved (None if never)."""
         with self._read():
             conversation = self._conversation_row(conversation_id)
-            messages = self._rows(
+            rows = self._rows(
                 "SELECT * FROM messages WHERE conversation_id = ? ORDER BY position",
                 [conversation_id],
             )
@@ -107,10 +151,17 @@ class Conversations(Attachments):
             message_id = link.pop("message_id")
             link["path"] = str(self._file_path(link["sha256"], link["mime"]))
             by_message.setdefault(message_id, []).append(link)
+        children = children_of(rows)
+        messages = current_path(children)
         for message in messages:
+            del message["chosen"]  # bookkeeping of the path, not part of the message
             message["settings"] = from_json(message["settings"])
             message["timings"] = from_json(message["timings"])
             message["attachments"] = by_message.get(message["id"], [])
+            versions = [m["id"] for m in children[message["parent_id"]] if m["role"] == message["role"]]
+            message["variant_ids"] = versions
+            message["variant_index"] = versions.index(message["id"]) + 1
+            message["variant_count"] = len(versions)
         conversation["settings"] = from_json(conversation["settings"])
         conversation["messages"] = messages
         return conversation
@@ -166,24 +217,37 @@ class Conversations(Attachments):
         status: str = "complete",
         settings: dict | None = None,
         model: str | None = None,
+        parent_id: int | None | str = PATH_END,
     ) -> int:
-        """Append a message; returns its id.
+        """Add a message; returns its id. It goes on the current path.
 
-        ``attachments`` are sha256s from :meth:`add_attachment`. The first
-        user message names an untitled conversation.
+        By default it follows the last message of the current path; pass
+        ``parent_id`` to add it after another message of this conversation
+        (None: a first question), beside that message's other children: a
+        new answer to a question, a new version of a question. ``attachments``
+        are sha256s from :meth:`add_attachment`. The first user message names
+        an untitled conversation.
         """
         check_choice(role, ROLES, "role")
         check_choice(status, STATUSES, "status")
         if not isinstance(text, str):
             raise StoreError("message text must be a string")
+        if parent_id is not PATH_END and parent_id is not None and not isinstance(parent_id, int):
+            raise StoreError(f"parent_id must be a message id or None; got {parent_id!r}")
         shas = [check_sha(sha) for sha in attachments]
         settings_json = to_json(settings, "settings")
         now = utc_now()
         with self._write() as conn:
             conversation = self._conversation_row(conversation_id)
+            if parent_id is PATH_END:
+                path = current_path(self._tree(conversation_id))
+                parent_id = path[-1]["id"] if path else None
+            elif parent_id is not None and self._message_row(parent_id)["conversation_id"] != conversation_id:
+                raise StoreError(f"message {parent_id} is not in conversation {conversation_id}")
             message_id = self._insert_message(
                 conversation_id,
                 {
+                    "parent_id": parent_id,
                     "role": role,
                     "text": text,
                     "status": status,
@@ -205,20 +269,24 @@ class Conversations(Attachments):
         return message_id
 
     def _insert_message(self, conversation_id: str, row: dict, shas: list[str]) -> int:
-        """Insert one message at the end of a conversation (inside a transaction)."""
+        """Insert one message (inside a transaction): last in insertion order
+        (``position``) and chosen, so it is on the current path."""
         for sha in shas:
             if not self._conn.execute(
                 "SELECT 1 FROM attachments WHERE sha256 = ?", [sha]
             ).fetchone():
                 raise StoreError(f"unknown attachment: {sha}")
         # Safe against other writers: we hold the write lock (BEGIN IMMEDIATE).
-        (position,) = self._conn.execute(
-            "SELECT coalesce(max(position) + 1, 0) FROM messages WHERE conversation_id = ?",
+        position, chosen = self._conn.execute(
+            "SELECT coalesce(max(position) + 1, 0), coalesce(max(chosen) + 1, 0)"
+            " FROM messages WHERE conversation_id = ?",
             [conversation_id],
         ).fetchone()
         message_id = (
             self.db["messages"]
-            .insert({"conversation_id": conversation_id, "position": position, **row})
+            .insert(
+                {"conversation_id": conversation_id, "position": position, "chosen": chosen, **row}
+            )
             .last_pk
         )
         self._conn.executemany(
@@ -226,6 +294,44 @@ class Conversations(Attachments):
             [(message_id, sha, i) for i, sha in enumerate(shas)],
         )
         return message_id
+
+    def _tree(self, conversation_id: str) -> dict[int | None, list[dict]]:
+        """The conversation's messages (id, parent, role, chosen only) by parent."""
+        return children_of(
+            self._rows(
+                "SELECT id, parent_id, role, chosen FROM messages WHERE conversation_id = ?",
+                [conversation_id],
+            )
+        )
+
+    def _choose(self, conversation_id: str, message_ids: Iterable[int]) -> None:
+        """Make these messages their parents' chosen children (inside a transaction)."""
+        ids = list(message_ids)
+        if ids:
+            (chosen,) = self._conn.execute(
+                "SELECT max(chosen) + 1 FROM messages WHERE conversation_id = ?", [conversation_id]
+            ).fetchone()
+            self._conn.execute(
+                f"UPDATE messages SET chosen = ? WHERE id IN ({', '.join('?' * len(ids))})",
+                [chosen, *ids],
+            )
+
+    def select_message(self, message_id: int) -> None:
+        """Switch the conversation's current path to go through this message
+        (a version of a question or answer); below it the path continues the
+        way it went when this branch was last shown (at first: its latest
+        messages)."""
+        with self._write():
+            message = self._message_row(message_id)
+            parents = {
+                m["id"]: m["parent_id"]
+                for kids in self._tree(message["conversation_id"]).values()
+                for m in kids
+            }
+            chain = [message_id]
+            while parents[chain[-1]] is not None:
+                chain.append(parents[chain[-1]])
+            self._choose(message["conversation_id"], chain)
 
     def update_message(
         self,
@@ -263,36 +369,68 @@ class Conversations(Attachments):
                 raise StoreError(f"unknown message id: {message_id!r}")
 
     def delete_message(self, message_id: int) -> None:
-        self._delete_messages(message_id, and_later=False)
+        """Delete this one message; what followed it now follows its parent."""
+        self._delete(message_id, lambda message, tree: ({message_id}, message["parent_id"]))
 
     def delete_messages_from(self, message_id: int) -> int:
-        """Delete this message and every later one in its conversation
-        (regenerate, edit the last turn). Returns how many were deleted.
+        """Delete this message and everything that followed it, in every
+        branch under it (for a conversation without versions: this message
+        and every later one). Returns how many were deleted.
 
         Attachments only these messages used are deleted too: to edit a turn
         but keep its images, update the user message's text and delete from
         the message after it.
         """
-        return self._delete_messages(message_id, and_later=True)
 
-    def _delete_messages(self, message_id: int, and_later: bool) -> int:
+        def subtree(message: dict, tree: dict) -> tuple[set[int], None]:
+            doomed, todo = set(), [message_id]
+            while todo:
+                doomed.add(todo[-1])
+                todo.extend(m["id"] for m in tree.get(todo.pop(), ()))
+            return doomed, None  # nothing is left to move
+
+        return self._delete(message_id, subtree)
+
+    def delete_turn(self, message_id: int) -> int:
+        """Delete a turn in all its versions: for a question, it and its other
+        versions with all their answers; for an answer, it and the other
+        answers to its question. The turns that followed stay: they now follow
+        what came before the deleted turn. Returns how many messages went."""
+
+        def turn(message: dict, tree: dict) -> tuple[set[int], int | None]:
+            versions = [m["id"] for m in tree[message["parent_id"]] if m["role"] == message["role"]]
+            doomed = set(versions)
+            if message["role"] == "user":
+                doomed.update(m["id"] for v in versions for m in tree.get(v, ()) if m["role"] == "assistant")
+            return doomed, message["parent_id"]
+
+        return self._delete(message_id, turn)
+
+    def _delete(self, message_id: int, pick: Callable[[dict, dict], tuple[set[int], int | None]]) -> int:
+        """Delete the messages ``pick(message, tree)`` names, with the parent
+        that the messages following them (and not deleted) move under; the one
+        of those on the current path stays on it. Returns how many went."""
         with self._write() as conn:
             message = self._message_row(message_id)
-            where = "conversation_id = ? AND position >= ?" if and_later else "id = ?"
-            params = (
-                [message["conversation_id"], message["position"]]
-                if and_later
-                else [message_id]
-            )
+            conversation_id = message["conversation_id"]
+            tree = self._tree(conversation_id)
+            doomed, new_parent = pick(message, tree)
+            survivors = [m["id"] for d in doomed for m in tree.get(d, ()) if m["id"] not in doomed]
+            if survivors:
+                conn.execute(
+                    f"UPDATE messages SET parent_id = ? WHERE id IN ({', '.join('?' * len(survivors))})",
+                    [new_parent, *survivors],
+                )
+                on_path = {m["id"] for m in current_path(tree)}
+                self._choose(conversation_id, on_path.intersection(survivors))
+            marks = ", ".join("?" * len(doomed))
             shas = [
                 row[0]
                 for row in conn.execute(
-                    "SELECT sha256 FROM message_attachments WHERE message_id IN "
-                    f"(SELECT id FROM messages WHERE {where})",
-                    params,
+                    f"SELECT sha256 FROM message_attachments WHERE message_id IN ({marks})", [*doomed]
                 )
             ]
-            count = conn.execute(f"DELETE FROM messages WHERE {where}", params).rowcount
+            count = conn.execute(f"DELETE FROM messages WHERE id IN ({marks})", [*doomed]).rowcount
             gone = self._forget_unreferenced(shas)
         self._after_delete(gone)
         return count

@@ -177,7 +177,28 @@ def m005_message_owner(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE messages ADD COLUMN owner TEXT")
 
 
-MIGRATIONS = [m001_initial, m002_fts, m003_settings, m004_conversation_settings, m005_message_owner]
+def m006_message_tree(db: sqlite_utils.Database) -> None:
+    # Conversations become trees, so that Regenerate adds an answer beside the old one and editing a
+    # question adds a version beside it, each keeping what followed it. parent_id: the message this one
+    # follows (NULL for a first question). chosen: a counter per conversation; of a parent's children the
+    # one chosen (added or picked) most recently is on the conversation's current path.
+    db.execute("ALTER TABLE messages ADD COLUMN parent_id INTEGER REFERENCES messages(id)")
+    db.execute("ALTER TABLE messages ADD COLUMN chosen INTEGER NOT NULL DEFAULT 0")
+    # Conversations so far were lists: each message follows the one before it.
+    db.execute(
+        """
+        UPDATE messages SET chosen = position, parent_id = (
+            SELECT p.id FROM messages p
+            WHERE p.conversation_id = messages.conversation_id AND p.position < messages.position
+            ORDER BY p.position DESC LIMIT 1
+        )
+        """
+    )
+    db.execute("CREATE INDEX messages_parent ON messages(parent_id)")
+
+
+MIGRATIONS = [m001_initial, m002_fts, m003_settings, m004_conversation_settings, m005_message_owner,
+              m006_message_tree]
 
 
 # --------------------------------------------------------------------------

@@ -62,7 +62,11 @@ def _markdown(conversation: dict, link: Callable[[dict], str]) -> str:
 
 class Export(Conversations):
     def export_conversation(self, conversation_id: str) -> dict:
-        """A JSON-serializable dict with every image embedded (base64)."""
+        """A JSON-serializable dict with every image embedded (base64).
+
+        It holds the conversation's current path, as shown: other versions of
+        its questions and answers (see conversations.py) are left out, so an
+        export reads as one conversation and imports as one."""
         conversation = self.get_conversation(conversation_id)
         attachments: dict[str, dict] = {}
         messages = []
@@ -148,8 +152,9 @@ class Export(Conversations):
                     path = self._put_attachment(sha, blob, name, mime)
                     if path:
                         written.append(path)
+                parent = None  # an export is one path: each message follows the one before
                 for message, shas in messages:
-                    self._insert_message(conversation_id, message, shas)
+                    parent = self._insert_message(conversation_id, {**message, "parent_id": parent}, shas)
             except BaseException:
                 # Still holding the write lock: nobody else can have started
                 # using these files, so removing them is safe.
