@@ -9,6 +9,8 @@ from PIL import Image
 
 from engine.demo import build_demo
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 220), "green": (30, 200, 60), "yellow": (230, 220, 40)}
 
 

@@ -361,8 +361,7 @@ def encode_tokens(sample: Sample, processor: VLChatProcessor, answers_only: bool
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
     supervised = torch.ones(len(ids), dtype=torch.bool)
     if answers_only:
-        # A token is an answer token when its characters overlap an answer span (the leading space of an
-        # answer's first token belongs to it: the model must predict it after "Assistant:").
+        # A token is an answer token when its characters overlap an answer span.
         supervised = torch.tensor([any(s < b and a < e for a, b in spans) and e > s
                                    for s, e in enc["offset_mapping"]], dtype=torch.bool)
     supervised[0] = False  # BOS
@@ -384,13 +383,14 @@ def _prompt_with_answer_spans(sample: Sample, processor: VLChatProcessor) -> tup
     text = text + template.sep if text else ""
     spans, seps = [], (template.sep, template.sep2)
     for i, (role, content) in enumerate(pairs):
-        head = f"{role}: "
         if role == ASSISTANT and content:
-            start = len(text) + len(head)
-            text += head + content + seps[i % 2]
-            spans.append((start, len(text)))  # content + its separator (the EOS for every Assistant turn)
+            # From just after "Assistant:" (inference prompts end there, so the model generates the space) to
+            # the end of the separator, which is the EOS after every Assistant turn.
+            start = len(text) + len(f"{role}:")
+            text += f"{role}: {content}{seps[i % 2]}"
+            spans.append((start, len(text)))
         else:
-            text += f"{head}{content}{seps[i % 2]}" if content else f"{role}:"
+            text += f"{role}: {content}{seps[i % 2]}" if content else f"{role}:"
     lead = len(text) - len(text.lstrip())
     prompt = text.strip()
     spans = [(max(0, a - lead), min(len(prompt), b - lead)) for a, b in spans]
