@@ -245,6 +245,8 @@ def official_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         LoraLayer = ()
     state, skip = {}, []
     for name, module in model.named_modules():
+        if skip and name.startswith(tuple(skip)):
+            continue  # inside a layer already merged (a LoRA layer's base_layer)
         if LoraLayer and isinstance(module, LoraLayer):
             base = module.get_base_layer()
             weight = _dequantized(base)
