@@ -69,18 +69,24 @@ def nll(model, processor: VLChatProcessor, encoded: Encoded) -> tuple[float, int
     return float(total), int((encoded.labels[1:] != IGNORE).sum())
 
 
+def option_perplexities(model, processor: VLChatProcessor, item: list[tuple[Sample, int, int]]) -> list[float]:
+    """Perplexity of each option's tokens after the prompt and images (its end-of-sentence token is left out:
+    it would favour short options)."""
+    scores = []
+    for sample, _, _ in item:
+        e = encode(sample, processor, answers_only=True)
+        last = int((e.labels != IGNORE).nonzero()[-1])
+        e.labels[last] = IGNORE
+        total, n = nll(model, processor, e)
+        scores.append(math.exp(total / max(1, n)))
+    return scores
+
+
 def multiple_choice(model, processor: VLChatProcessor, path: str | Path) -> dict:
     items = read_mc(path)
     correct = 0
     for item in items:
-        scores = []
-        for sample, _, _ in item:
-            e = encode(sample, processor, answers_only=True)
-            # Score the option's own tokens: its end-of-sentence token would favour short options.
-            last = int((e.labels != IGNORE).nonzero()[-1])
-            e.labels[last] = IGNORE
-            total, n = nll(model, processor, e)
-            scores.append(math.exp(total / max(1, n)))
+        scores = option_perplexities(model, processor, item)
         correct += int(min(range(len(scores)), key=scores.__getitem__) == item[0][2])
     return {"mc_accuracy": correct / len(items) if items else None, "mc_items": len(items)}
 
