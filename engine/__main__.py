@@ -166,7 +166,7 @@ STAGE_FLAGS = {"steps": int, "batch_size": int, "micro_batch_size": int, "lr": f
                "seq_len": int, "epochs": float, "language_ratio": float, "modality_warmup_steps": int,
                "schedule": str, "clip": float, "weight_decay": float, "min_lr_ratio": float}
 RUN_FLAGS = ("model", "out", "data", "text_data", "seed", "save_every", "keep_checkpoints", "resume", "skip_bad",
-             "lora", "qlora", "lora_rank", "lora_alpha", "bf16", "gradient_checkpointing", "optimizer", "device",
+             "lora", "qlora", "lora_rank", "lora_alpha", "bf16", "gradient_checkpointing", "fsdp", "optimizer", "device",
              "max_length", "eval_mc", "eval_text", "eval_every")
 EXIT_STOPPED = 3  # the run was stopped on request after saving a checkpoint; --resume continues it
 
@@ -195,6 +195,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=int)
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun / accelerate launch: shard weights, gradients and optimizer state (FSDP2)")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"])
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1")
     p.add_argument("--max-length", type=int, help="longest sample allowed (default: the model's context)")

@@ -61,6 +61,7 @@ class RunConfig:
     lora_alpha: int = 32
     bf16: bool = False  # bf16 autocast (master weights stay float32)
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (PyTorch FSDP2)
     optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes)
     device: str = "auto"
     max_length: int | None = None  # longest sample allowed (default: the model's context)
@@ -85,6 +86,7 @@ class TrainResult:
 class Dist:
     rank: int = 0
     world: int = 1
+    sharded: bool = False  # FSDP: parameters live as shards; full state is gathered collectively
 
     @property
     def main(self) -> bool:
@@ -113,6 +115,17 @@ def _all_sum(tensors: list[torch.Tensor], d: Dist) -> None:
         for t in tensors:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+def _agree(flag: bool, d: Dist) -> bool:
+    """True on every process when it is true on any (a stop request reaches the processes at different times)."""
+    if d.world == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _barrier(d: Dist) -> None:
@@ -212,6 +225,32 @@ def prepare_model(source: str | Path, stage: int, run: RunConfig, device: torch.
     return model, trainable
 
 
+def shard(model: DeepSeekVL) -> None:
+    """FSDP2: each decoder layer is one unit (its weights gathered just before use), the rest is the root unit.
+    Gradients are reduce-scattered as averages, so the loss is scaled by the number of processes."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.language_model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def full_state(model, optimizer=None, d: Dist = Dist()) -> tuple[dict, dict | None]:
+    """Trainable parameters (full tensors on the CPU) and optimizer state, from a sharded model too. Collective
+    under FSDP: every process must call it."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not d.sharded:
+        params = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if n in trainable}
+        return params, optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=options), None
+    params, optim = get_state_dict(model, optimizer, options=options)
+    return {k: v for k, v in params.items() if k in trainable}, optim
+
+
 def add_lora(model: DeepSeekVL, trainable: list[str], run: RunConfig, device: torch.device) -> list[str]:
     """LoRA on every linear layer the stage would train, except the adaptor, which trains fully (it is small, and
     stage 1 trains nothing else). QLoRA first stores the language model's decoder linears in 4-bit NF4."""
@@ -239,10 +278,9 @@ def add_lora(model: DeepSeekVL, trainable: list[str], run: RunConfig, device: to
 
 def official_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights under the official keys, LoRA adapters merged (and 4-bit weights dequantized)."""
-    try:
+    LoraLayer = ()
+    if any(".lora_" in name for name, _ in model.named_parameters()):  # importing peft costs seconds: only then
         from peft.tuners.lora import LoraLayer
-    except ImportError:
-        LoraLayer = ()
     state, skip = {}, []
     for name, module in model.named_modules():
         if skip and name.startswith(tuple(skip)):
@@ -275,12 +313,12 @@ def _dequantized(linear: torch.nn.Module) -> torch.Tensor:
     return weight.detach()
 
 
-def export(model: DeepSeekVL, processor_dir: Path, directory: Path) -> Path:
+def export(model: DeepSeekVL, processor_dir: Path, directory: Path, state: dict | None = None) -> Path:
     """Write an official-layout checkpoint (config, weights, tokenizer and processor files) atomically: into a
-    temporary sibling first, renamed into place when complete."""
+    temporary sibling first, renamed into place when complete. `state`: the full weights (from a sharded model)."""
     from ..loading import build_model
 
-    state = official_state_dict(model)
+    state = official_state_dict(model) if state is None else state
     clean = build_model(model.config)
     clean.load_state_dict({k: v.float().cpu() for k, v in state.items()}, strict=True, assign=True)
     tmp = directory.parent / f".tmp-{directory.name}-{os.getpid()}"
@@ -343,7 +381,7 @@ def latest_checkpoint(out: Path, stage: int) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(out: Path, stage: int, step: int, model, optimizer, scheduler, sampler: Sampler,
+def save_checkpoint(out: Path, stage: int, step: int, params: dict, optimizer_state: dict, scheduler, sampler: Sampler,
                     cfg: StageConfig, metrics_bytes: int, keep: int) -> Path:
     """Trainable parameters, optimizer, scheduler, sampler and RNG state, written to a temporary directory and
     renamed: a process killed mid-save leaves the previous checkpoint as the latest complete one."""
@@ -353,9 +391,8 @@ def save_checkpoint(out: Path, stage: int, step: int, model, optimizer, schedule
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    params = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(params, tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -369,7 +406,7 @@ def save_checkpoint(out: Path, stage: int, step: int, model, optimizer, schedule
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, sampler: Sampler) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, sampler: Sampler, d: Dist = Dist()) -> dict:
     state = json.loads((path / "state.json").read_text())
     params = load_file(path / "trainable.safetensors")
     named = dict(model.named_parameters())
@@ -377,10 +414,17 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, sampler: Sampler) -
     if missing:
         raise TrainingError(f"{path} does not match this run's trainable parameters (e.g. {sorted(missing)[:2]}); "
                             "was it saved with other --lora/--qlora or stage settings?")
-    with torch.no_grad():
-        for name, value in params.items():
-            named[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
+    if d.sharded:  # every process reads the full state; each keeps its shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=params, optim_state_dict=optimizer_state,
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        with torch.no_grad():
+            for name, value in params.items():
+                named[name].copy_(value)
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(state["scheduler"])
     sampler.load_state(state["sampler"])
     rng = torch.load(path / "rng.pt", weights_only=False)
@@ -391,27 +435,35 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, sampler: Sampler) -
 
 
 # ------------------------------------------------------------------ one micro-batch
-def load_pixels(processor: VLChatProcessor, paths: list[Path]) -> torch.Tensor:
-    return processor.image_processor([str(p) for p in paths])
+def image_inputs(processor: VLChatProcessor, rows: Rows) -> dict:
+    """pixel_values [B, n, 3, S, S] (zero slots where a row has fewer images) and the masks the model takes."""
+    counts = [len(paths) for paths in rows.images]
+    pixels = processor.image_processor([str(p) for paths in rows.images for p in paths])  # [M, 3, S, S]
+    size = pixels.shape[-1]
+    B, n = len(counts), max(counts)
+    pixel_values = torch.zeros(B, n, 3, size, size)
+    emb_mask = torch.zeros(B, n, processor.num_image_tokens, dtype=torch.bool)
+    at = 0
+    for i, c in enumerate(counts):
+        pixel_values[i, :c] = pixels[at:at + c]
+        emb_mask[i, :c] = True
+        at += c
+    return {"pixel_values": pixel_values, "images_seq_mask": rows.images_seq_mask, "images_emb_mask": emb_mask}
 
 
 def loss_sum(model: DeepSeekVL, rows: Rows, processor: VLChatProcessor, device: torch.device,
              bf16: bool = False) -> torch.Tensor:
-    """Summed next-token cross entropy over the supervised positions of one micro-batch."""
-    ids = rows.input_ids.to(device)
+    """Summed next-token cross entropy over the supervised positions of one micro-batch. Everything goes through
+    the model's own forward (FSDP gathers parameters there). Frozen towers build no autograd graph: neither their
+    weights nor their input need gradients."""
+    inputs = {"input_ids": rows.input_ids, "position_ids": rows.position_ids}
+    if rows.attention_mask is not None:
+        inputs["attention_mask"] = rows.attention_mask
+    if any(rows.images):
+        inputs.update(image_inputs(processor, rows))
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        embeds = None
-        if rows.images:
-            pixels = load_pixels(processor, rows.images).to(device=device, dtype=model.vision_dtype())
-            vision_trains = any(p.requires_grad for p in model.vision_model.parameters())
-            with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains):
-                features = model.vision_model(pixels)  # frozen towers keep no activations
-            image_embeds = model.aligner(features).to(model.dtype)  # [n_images, tokens, D]
-            embeds = model.embed(ids, rows.images_seq_mask.to(device), image_embeds.reshape(-1, image_embeds.shape[-1]))
-        else:
-            embeds = model.embed(ids)
-        mask = rows.attention_mask.to(device) if rows.attention_mask is not None else None
-        out = model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=rows.position_ids.to(device))
+        out = model(**inputs)
     logits = out.logits[:, :-1].float()
     labels = rows.labels[:, 1:].to(device)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -444,6 +496,14 @@ def train(run: RunConfig, log: Callable[[str], None] = print, stop: threading.Ev
         raise TrainingError(f"stages must be an increasing list drawn from {STAGES}, got {run.stages}")
     if run.lora and run.qlora:
         raise TrainingError("choose --lora or --qlora, not both")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        raise TrainingError("the DeepSpeed engine is not wired into this trainer (see engine/training/configs/); "
+                            "use the FSDP config or --fsdp for sharding, plain torchrun for data parallelism")
+    # `accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP; the loop shards with PyTorch's FSDP2 itself.
+    if d.world > 1 and (run.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")):
+        if run.lora or run.qlora:
+            raise TrainingError("--fsdp with --lora/--qlora is not supported: LoRA's small state does not need sharding")
+        d = replace(d, sharded=True)
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_run_file(out, run, d)
@@ -546,7 +606,7 @@ def _run_stage(stage, source, run: RunConfig, report, processor, base_dir: Path,
         raise TrainingError(f"batch size {cfg.batch_size} must be a multiple of the {d.world} processes")
 
     torch.manual_seed(run.seed * 1000 + stage)  # LoRA initialisation, identical on every process
-    if run.check_memory and d.main:
+    if run.check_memory:  # on every process, so that all of them refuse together
         from .memory import estimate
 
         est = estimate(read_config(resolve_directory(source))[0], stage, cfg, lora=run.lora, qlora=run.qlora,
@@ -556,13 +616,15 @@ def _run_stage(stage, source, run: RunConfig, report, processor, base_dir: Path,
         if not est.fits:
             raise TrainingError(est.refusal())
     model, trainable = prepare_model(source, stage, run, device)
+    if d.sharded:
+        shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, run.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start = 0
     checkpoint = latest_checkpoint(Path(run.out), stage) if run.resume else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, sampler)
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, sampler, d)
         start = state["step"]
         metrics.truncate(state["metrics_bytes"])
         metrics.event("resume", f"stage {stage}: resumed at step {start} from {checkpoint}", stage=stage, step=start)
@@ -582,12 +644,16 @@ def _run_stage(stage, source, run: RunConfig, report, processor, base_dir: Path,
         loss_acc = torch.zeros((), device=device)
         for rows in micro_batches(mine, cfg.micro_batch_size, pad_id, cfg.seq_len if cfg.pack else None):
             part = loss_sum(model, rows, processor, device, run.bf16)
-            (part / total).backward()
+            # Sum over this process's tokens / the global batch's: summed over processes, the global mean.
+            (part / total * (d.world if d.sharded else 1)).backward()  # FSDP averages what it reduces
             loss_acc += part.detach()
-        grads = [p.grad if p.grad is not None else p.new_zeros(p.shape) for p in params]
-        for p, g in zip(params, grads):
-            p.grad = g
-        _all_sum(grads + [loss_acc], d)
+        if d.sharded:
+            _all_sum([loss_acc], d)
+        else:
+            grads = [p.grad if p.grad is not None else p.new_zeros(p.shape) for p in params]
+            for p, g in zip(params, grads):
+                p.grad = g
+            _all_sum(grads + [loss_acc], d)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         optimizer.step()
         scheduler.step()
@@ -604,18 +670,20 @@ def _run_stage(stage, source, run: RunConfig, report, processor, base_dir: Path,
         last = step + 1 == cfg.steps
         if run.eval_every and (step + 1) % run.eval_every == 0 and not last:
             _evaluate(model, processor, run, stage, step + 1, metrics, d)
-        stopping = stop.is_set() and not last
+        stopping = _agree(stop.is_set(), d) and not last
         if (run.save_every and (step + 1) % run.save_every == 0 and not last) or stopping:
+            trained, optimizer_state = full_state(model, optimizer, d)
             if d.main:
-                path = save_checkpoint(Path(run.out), stage, step + 1, model, optimizer, scheduler, sampler, cfg,
-                                       metrics.size(), run.keep_checkpoints)
+                path = save_checkpoint(Path(run.out), stage, step + 1, trained, optimizer_state, scheduler, sampler,
+                                       cfg, metrics.size(), run.keep_checkpoints)
                 metrics.event("checkpoint", stage=stage, step=step + 1, path=str(path))
             _barrier(d)
         if stopping:
             return False
     _evaluate(model, processor, run, stage, cfg.steps, metrics, d)
+    weights = full_state(model, None, d)[0] if d.sharded else None
     if d.main:
-        export(model, base_dir, Path(run.out) / f"stage-{stage}")
+        export(model, base_dir, Path(run.out) / f"stage-{stage}", weights)
     _barrier(d)
     metrics.event("stage_end", f"stage {stage} done: {Path(run.out) / f'stage-{stage}'}", stage=stage,
                   path=str(Path(run.out) / f"stage-{stage}"))
@@ -623,7 +691,7 @@ def _run_stage(stage, source, run: RunConfig, report, processor, base_dir: Path,
 
 
 def _evaluate(model, processor, run: RunConfig, stage: int, step: int, metrics: Metrics, d: Dist) -> None:
-    if not (run.eval_mc or run.eval_text) or not d.main:
+    if not (run.eval_mc or run.eval_text) or not (d.main or d.sharded):  # sharded: every process takes part
         return
     from .evaluate import evaluate
 

@@ -94,7 +94,7 @@ class Rows:
     labels: torch.Tensor  # [B, T]
     position_ids: torch.Tensor  # [B, T]
     images_seq_mask: torch.Tensor  # [B, T]
-    images: list  # image paths in the order of their image-token runs (row by row)
+    images: list[list]  # per row, the image paths in the order of the row's image-token runs
     tokens: int  # real (not padding) tokens
     attention_mask: torch.Tensor | None = None
 
@@ -115,7 +115,7 @@ def collate(samples: list[Encoded], pad_id: int) -> Rows:
         n = len(s)
         ids[i, :n], labels[i, :n], seq_mask[i, :n] = s.input_ids, s.labels, s.images_seq_mask
     positions = torch.arange(T).expand(B, T).clone()
-    return Rows(ids, labels, positions, seq_mask, [p for s in samples for p in s.images], sum(len(s) for s in samples))
+    return Rows(ids, labels, positions, seq_mask, [list(s.images) for s in samples], sum(len(s) for s in samples))
 
 
 def pack(samples: list[Encoded], length: int, pad_id: int) -> Rows:
@@ -153,7 +153,7 @@ def pack(samples: list[Encoded], length: int, pad_id: int) -> Rows:
     # Padding positions see themselves only: no NaN rows, and their (ignored) outputs touch nothing real.
     pad_self = (segment < 0)[:, :, None] & torch.eye(T, dtype=torch.bool)
     allowed = ((same & (segment >= 0)[:, :, None]) | pad_self) & causal
-    return Rows(ids, labels, positions, torch.zeros((B, T), dtype=torch.bool), [], sum(len(s) for s in samples),
+    return Rows(ids, labels, positions, torch.zeros((B, T), dtype=torch.bool), [[] for _ in rows], sum(len(s) for s in samples),
                 allowed[:, None])
 
 
