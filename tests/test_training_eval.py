@@ -114,3 +114,17 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_bf16_autocast_runs_
     loss = loop.loss_sum(model, rows, processor, torch.device("cpu"), bf16=True)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_eval_lines_during_training_and_8bit_adamw_state_in_checkpoints(setup):
+    root, model_dir, mc, text = setup
+    out = root / "eval-run"
+    loop.train(RunConfig(model=str(model_dir), out=str(out), data=[str(conversations(root / "c2"))], stages=[3],
+                         eval_mc=str(mc), eval_text=str(text), eval_every=1, save_every=1, optimizer="adamw8bit",
+                         overrides={"steps": 2, "batch_size": 2}), log=lambda m: None)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [1, 2] and all(r["mc_items"] == 3 and r["text_ppl"] > 1 for r in evals)
+    state = torch.load(loop.latest_checkpoint(out, 3) / "optimizer.pt", weights_only=False)["state"]
+    packed = [s["__bnb_optimizer_quant_state__"] for s in state.values() if "__bnb_optimizer_quant_state__" in s]
+    assert any(v.dtype == torch.uint8 for q in packed for v in q.values() if torch.is_tensor(v))  # 8-bit moments
