@@ -207,3 +207,22 @@ def test_cli_train_stops_on_sigterm_with_a_checkpoint_and_resumes(setup, tmp_pat
     assert done.returncode == 0 and done.stdout.strip() == str(out / "final"), done.stderr
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"type": "step"' in x]
     assert steps == list(range(1, 13))
+
+
+def test_config_file_then_flags_make_the_run_config(tmp_path):
+    import argparse
+
+    from engine.__main__ import add_train_arguments, run_config
+
+    (tmp_path / "run.yaml").write_text("model: m\nout: o\ndata: a.jsonl\nstages: 2,3\nlr: 1.0e-4\nlora: true\n"
+                                       "stage_2: {steps: 50, language_ratio: 0.6}\n")
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    config = run_config(parser.parse_args(["--config", str(tmp_path / "run.yaml"), "--lr", "2e-4", "--seed", "7",
+                                           "--text-data", "t.txt", "--no-grouping"]))
+    assert (config.model, config.out, config.data, config.text_data, config.stages) == ("m", "o", ["a.jsonl"], ["t.txt"], [2, 3])
+    assert config.overrides == {"lr": 2e-4, "grouped": False} and config.stage_overrides == {2: {"steps": 50, "language_ratio": 0.6}}
+    assert config.lora and config.seed == 7 and not config.qlora
+    (tmp_path / "bad.yaml").write_text("model: m\nout: o\ndata: a\nlearning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown setting.*learning_rate"):
+        run_config(parser.parse_args(["--config", str(tmp_path / "bad.yaml")]))

@@ -610,6 +610,7 @@ def _run_stage(stage, source, run: RunConfig, report, processor, base_dir: Path,
         from .memory import estimate
 
         est = estimate(read_config(resolve_directory(source))[0], stage, cfg, lora=run.lora, qlora=run.qlora,
+                       lora_rank=run.lora_rank,
                        gradient_checkpointing=run.gradient_checkpointing, bf16=run.bf16, optimizer=run.optimizer,
                        device=device, world=d.world)
         metrics.event("memory", est.summary(), stage=stage, **est.to_dict())

@@ -48,7 +48,7 @@ class MemoryEstimate:
                 "fits": self.fits, "advice": self.advice}
 
 
-def estimate(config: VLConfig, stage: int, cfg: StageConfig, *, lora: bool = False, qlora: bool = False,
+def estimate(config: VLConfig, stage: int, cfg: StageConfig, *, lora: bool = False, qlora: bool = False, lora_rank: int = 16,
              gradient_checkpointing: bool = False, bf16: bool = False, optimizer: str = "adamw",
              device: torch.device | str = "cpu", world: int = 1, available: int | None = -1) -> MemoryEstimate:
     """Bytes one process needs for `stage` at `cfg.micro_batch_size` x `cfg.seq_len`. `available=-1`: ask the
@@ -66,8 +66,8 @@ def estimate(config: VLConfig, stage: int, cfg: StageConfig, *, lora: bool = Fal
         if trains(stage, name):
             if not (lora or qlora) or name.startswith("aligner."):
                 trainable += p.numel()
-            elif p.dim() == 2:  # a LoRA pair of rank 16 on this linear instead of the weight itself
-                trainable += 16 * sum(p.shape)
+            elif p.dim() == 2:  # a LoRA pair on this linear instead of the weight itself
+                trainable += lora_rank * sum(p.shape)
     lm = config.language
     h, inter, layers, vocab = lm.hidden_size, lm.intermediate_size, lm.num_hidden_layers, lm.vocab_size
     elem = 2 if bf16 else 4
