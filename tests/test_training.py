@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from conftest import REFERENCE_DIR
 from engine.chat import ChatSession
 from engine.generation import SamplingParams
-from engine.loading import load_model
 from engine.processing import ImageProcessor, ImageProcessorConfig, VLChatProcessor
 from engine.runtime import Runtime
 from engine.training import loop

@@ -536,8 +536,10 @@ def train(run: RunConfig, log: Callable[[str], None] = print, stop: threading.Ev
                 log(f"stage {stage}: already complete in {stage_dir}, skipped")
             source, done = stage_dir, done + [stage]
             continue
-        finished = _run_stage(stage, source, run, report, processor, base_dir, device, d, metrics, stop, on_step, log)
-        if not finished:
+        # A stop that came during the previous stage's last step or its export: that stage is complete.
+        stopped_between = _agree(stop.is_set(), d)
+        if stopped_between or not _run_stage(stage, source, run, report, processor, base_dir, device, d, metrics,
+                                              stop, on_step, log):
             metrics.event("stopped", f"stopped in stage {stage}; --resume continues from the last checkpoint", stage=stage)
             return TrainResult(None, done, stopped=True)
         source, done = stage_dir, done + [stage]
