@@ -225,3 +225,16 @@ def test_config_file_then_flags_make_the_run_config(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: m\nout: o\ndata: a\nlearning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown setting.*learning_rate"):
         run_config(parser.parse_args(["--config", str(tmp_path / "bad.yaml")]))
+
+
+def test_plan_shows_each_stage_before_any_weights_load(setup):
+    _, model_dir, convs, text = setup
+    result = loop.plan(RunConfig(model=str(model_dir), out="unused", data=[str(convs)], text_data=[str(text)],
+                                 overrides={"seq_len": 10}, stage_overrides={2: {"lr": 1e-4}}))
+    assert result["data"]["samples"] == {MULTIMODAL: 8, LANGUAGE: 10}
+    stages = {s["stage"]: s for s in result["stages"]}
+    assert [stages[s]["config"]["lr"] for s in (1, 2, 3)] == [1e-3, 1e-4, 2e-5]
+    assert stages[1]["samples"] == 8 and stages[1]["language_share"] == 0.0 and stages[2]["language_share"] == 0.7
+    assert stages[3]["samples"] == 10 and stages[3]["language_share"] == pytest.approx(0.2)  # its own data's share
+    assert all(s["grown_from"] == 10 and s["config"]["seq_len"] > 10 for s in stages.values())
+    assert all(s["memory"]["fits"] and s["memory"]["total_bytes"] > 0 for s in stages.values())

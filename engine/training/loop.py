@@ -582,8 +582,27 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def _run_stage(stage, source, run: RunConfig, report, processor, base_dir: Path, device, d: Dist, metrics: Metrics,
-               stop, on_step, log) -> bool:
+@dataclass
+class StagePlan:
+    """What a stage will do, known before any weights load: for the log, and for a UI to show before a start."""
+
+    stage: int
+    config: StageConfig  # Table 4 scaled to the data, overrides applied, seq_len grown to fit
+    samples: int
+    language_share: float  # share of language steps after the modality warm-up
+    grown_from: int | None  # the preset sequence length, when the longest sample did not fit it
+    longest: str  # file:line of the longest sample
+    memory: object | None = None  # memory.MemoryEstimate (with run.check_memory)
+
+    def to_dict(self) -> dict:
+        memory = self.memory.to_dict() if self.memory is not None else None
+        return {"stage": self.stage, "name": STAGE_NAMES[self.stage], "config": self.config.to_dict(),
+                "samples": self.samples, "language_share": self.language_share, "grown_from": self.grown_from,
+                "longest": self.longest, "memory": memory}
+
+
+def plan_stage(stage: int, run: RunConfig, report: datamod.Report, processor: VLChatProcessor, model_config,
+               device: torch.device, world: int = 1) -> tuple[StagePlan, list[Encoded]]:
     samples = stage_samples(stage, report)
     if not samples:
         raise TrainingError(f"stage {stage} ({STAGE_NAMES[stage]}) has no data: "
@@ -592,32 +611,59 @@ def _run_stage(stage, source, run: RunConfig, report, processor, base_dir: Path,
     cfg = scaled(stage, len(samples), overrides)
     encoded = [datamod.encode(s, processor, cfg.answers_only) for s in samples]
     longest = max(encoded, key=len)
-    if len(longest) > cfg.seq_len:
-        metrics.event("seq_len", f"stage {stage}: sequence length {cfg.seq_len} grows to {len(longest)} to fit "
-                      f"{longest.source} ({int(longest.images_seq_mask.sum())} image tokens + text)",
-                      stage=stage, previous=cfg.seq_len, seq_len=len(longest), sample=longest.source)
-        cfg = replace(cfg, seq_len=len(longest))
+    grown_from = None
+    if len(longest) > cfg.seq_len:  # never cut an image: the length grows to the longest sample
+        grown_from, cfg = cfg.seq_len, replace(cfg, seq_len=len(longest))
+    n_language = sum(e.modality == LANGUAGE for e in encoded)
+    share = cfg.language_ratio if cfg.language_ratio is not None else n_language / len(encoded)
+    share = 0.0 if not n_language else 1.0 if n_language == len(encoded) else share
+    memory = None
+    if run.check_memory:
+        from .memory import estimate
+
+        memory = estimate(model_config, stage, cfg, lora=run.lora, qlora=run.qlora, lora_rank=run.lora_rank,
+                          gradient_checkpointing=run.gradient_checkpointing, bf16=run.bf16, optimizer=run.optimizer,
+                          device=device, world=world)
+    return StagePlan(stage, cfg, len(encoded), share, grown_from, longest.source, memory), encoded
+
+
+def plan(run: RunConfig) -> dict:
+    """The data report and every stage's plan (settings, sequence length, memory estimate), loading no weights.
+    Raises DataError / TrainingError as `train` would."""
+    from ..runtime import pick_device
+
+    base_dir = resolve_directory(run.model)
+    model_config, _ = read_config(base_dir)
+    processor = VLChatProcessor.from_pretrained(base_dir, num_image_tokens=model_config.num_image_tokens)
+    report = datamod.load(run.data, run.text_data, processor, max_length=run.max_length or model_config.max_context,
+                          skip_bad=run.skip_bad)
+    device = pick_device(run.device)
+    return {"data": report.summary(),
+            "stages": [plan_stage(s, run, report, processor, model_config, device)[0].to_dict() for s in run.stages]}
+
+
+def _run_stage(stage, source, run: RunConfig, report, processor, base_dir: Path, device, d: Dist, metrics: Metrics,
+               stop, on_step, log) -> bool:
+    model_config = read_config(resolve_directory(source))[0]
+    stage_plan, encoded = plan_stage(stage, run, report, processor, model_config, device, d.world)
+    cfg = stage_plan.config
+    if stage_plan.grown_from is not None:
+        metrics.event("seq_len", f"stage {stage}: sequence length {stage_plan.grown_from} grows to {cfg.seq_len} to fit "
+                      f"{stage_plan.longest} (image tokens + text)", stage=stage, previous=stage_plan.grown_from,
+                      seq_len=cfg.seq_len, sample=stage_plan.longest)
     pools = {m: [i for i, e in enumerate(encoded) if e.modality == m] for m in (LANGUAGE, MULTIMODAL)}
     if stage == 2 and not pools[LANGUAGE]:
         metrics.event("warning", "stage 2 has no language data: the paper found language ability collapses "
                       "without it (add --text-data)", stage=stage)
-    ratio = cfg.language_ratio if cfg.language_ratio is not None else len(pools[LANGUAGE]) / len(encoded)
-    sampler = Sampler(pools, ModalitySchedule(ratio, cfg.modality_warmup_steps), cfg.batch_size,
+    sampler = Sampler(pools, ModalitySchedule(stage_plan.language_share, cfg.modality_warmup_steps), cfg.batch_size,
                       seed=run.seed * 1000 + stage, grouped=cfg.grouped)
     if cfg.batch_size % d.world:
         raise TrainingError(f"batch size {cfg.batch_size} must be a multiple of the {d.world} processes")
-
+    if stage_plan.memory is not None:  # estimated on every process, so that all of them refuse together
+        metrics.event("memory", stage_plan.memory.summary(), stage=stage, **stage_plan.memory.to_dict())
+        if not stage_plan.memory.fits:
+            raise TrainingError(stage_plan.memory.refusal())
     torch.manual_seed(run.seed * 1000 + stage)  # LoRA initialisation, identical on every process
-    if run.check_memory:  # on every process, so that all of them refuse together
-        from .memory import estimate
-
-        est = estimate(read_config(resolve_directory(source))[0], stage, cfg, lora=run.lora, qlora=run.qlora,
-                       lora_rank=run.lora_rank,
-                       gradient_checkpointing=run.gradient_checkpointing, bf16=run.bf16, optimizer=run.optimizer,
-                       device=device, world=d.world)
-        metrics.event("memory", est.summary(), stage=stage, **est.to_dict())
-        if not est.fits:
-            raise TrainingError(est.refusal())
     model, trainable = prepare_model(source, stage, run, device)
     if d.sharded:
         shard(model)
