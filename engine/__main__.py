@@ -204,6 +204,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-text", help="text perplexity file evaluated at each stage end")
     p.add_argument("--eval-every", type=int, help="also evaluate every N steps")
     p.add_argument("--no-memory-check", dest="check_memory", action="store_false", default=None)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the data report and each stage's settings and memory estimate as JSON; train nothing")
 
 
 def run_config(args):
@@ -248,6 +250,17 @@ def train(args) -> int:
     from .training.loop import TrainingError, train as run_training
 
     config = run_config(args)
+    if args.dry_run:
+        import json
+
+        from .training.loop import plan
+
+        try:
+            print(json.dumps(plan(config), indent=1))
+        except (DataError, TrainingError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     stop = threading.Event()
 
     def request_stop(*_):

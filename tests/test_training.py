@@ -238,3 +238,13 @@ def test_plan_shows_each_stage_before_any_weights_load(setup):
     assert stages[3]["samples"] == 10 and stages[3]["language_share"] == pytest.approx(0.2)  # its own data's share
     assert all(s["grown_from"] == 10 and s["config"]["seq_len"] > 10 for s in stages.values())
     assert all(s["memory"]["fits"] and s["memory"]["total_bytes"] > 0 for s in stages.values())
+
+
+def test_cli_dry_run_prints_the_plan_as_json(setup, capsys):
+    from engine.__main__ import main
+
+    _, model_dir, convs, _ = setup
+    assert main(["train", "--model", str(model_dir), "--data", str(convs), "--out", "unused", "--stages", "3",
+                 "--lora", "--dry-run"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [s["stage"] for s in result["stages"]] == [3] and result["stages"][0]["config"]["answers_only"]
