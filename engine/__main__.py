@@ -1,4 +1,4 @@
-"""Command line: `python -m engine chat|inspect|make-demo`. A thin shell over the library."""
+"""Command line: `python -m engine chat|inspect|make-demo|train|eval|data`. A thin shell over the library."""
 
 from __future__ import annotations
 
@@ -176,6 +176,153 @@ def make_demo(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ training
+# Flags that set a StageConfig field for every stage that runs (None: the stage's scaled Table 4 value).
+STAGE_FLAGS = {"steps": int, "batch_size": int, "micro_batch_size": int, "lr": float, "warmup_steps": int,
+               "seq_len": int, "epochs": float, "language_ratio": float, "modality_warmup_steps": int,
+               "schedule": str, "clip": float, "weight_decay": float, "min_lr_ratio": float}
+RUN_FLAGS = ("model", "out", "data", "text_data", "seed", "save_every", "keep_checkpoints", "resume", "skip_bad",
+             "lora", "qlora", "lora_rank", "lora_alpha", "bf16", "gradient_checkpointing", "fsdp", "optimizer", "device",
+             "max_length", "eval_mc", "eval_text", "eval_every")
+EXIT_STOPPED = 3  # the run was stopped on request after saving a checkpoint; --resume continues it
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory or hub id the first stage starts from")
+    p.add_argument("--data", action="append", help="conversation data: DeepSeek JSONL, LLaVA JSON or messages JSONL (repeatable)")
+    p.add_argument("--text-data", action="append", help='language data for stage 2: {"text": ...} JSONL or .txt (repeatable)')
+    p.add_argument("--stages", help="stages to run, e.g. 1,2,3 or 3 (default 1,2,3)")
+    p.add_argument("--out", help="run directory: stage-N/, final/, metrics.jsonl, checkpoints/")
+    p.add_argument("--config", help="YAML file with any of these settings (flags win); stage_1: {...} for one stage")
+    for name, kind in STAGE_FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
+                       help=f"override the preset {name} of every stage")
+    p.add_argument("--no-grouping", dest="grouped", action="store_const", const=False, default=None,
+                   help="mix modalities inside a batch instead of one modality per step")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--save-every", type=int, help="resume checkpoint every N optimizer steps")
+    p.add_argument("--keep-checkpoints", type=int, help="resume checkpoints kept per stage (default 2)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its last checkpoint")
+    p.add_argument("--skip-bad", action="store_true", default=None, help="leave out bad samples instead of refusing the data")
+    tune = p.add_mutually_exclusive_group()
+    tune.add_argument("--lora", action="store_true", default=None, help="LoRA adapters (merged on export)")
+    tune.add_argument("--qlora", action="store_true", default=None, help="4-bit language model + LoRA (bitsandbytes)")
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lora-alpha", type=int)
+    p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun / accelerate launch: shard weights, gradients and optimizer state (FSDP2)")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"])
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1")
+    p.add_argument("--max-length", type=int, help="longest sample allowed (default: the model's context)")
+    p.add_argument("--eval-mc", help="multi-choice PPL file evaluated at each stage end")
+    p.add_argument("--eval-text", help="text perplexity file evaluated at each stage end")
+    p.add_argument("--eval-every", type=int, help="also evaluate every N steps")
+    p.add_argument("--no-memory-check", dest="check_memory", action="store_false", default=None)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the data report and each stage's settings and memory estimate as JSON; train nothing")
+
+
+def run_config(args):
+    """Settings from --config (YAML), then the flags on top."""
+    from .training.loop import RunConfig
+
+    settings: dict = {}
+    if args.config:
+        import yaml
+
+        with open(args.config, encoding="utf-8") as f:
+            settings = yaml.safe_load(f) or {}
+        if not isinstance(settings, dict):
+            raise ValueError(f"{args.config}: expected a mapping of settings")
+    stage_overrides = {int(k.removeprefix("stage_")): v for k, v in settings.items() if str(k).startswith("stage_")}
+    overrides = {k: settings[k] for k in STAGE_FLAGS.keys() | {"grouped", "pack", "answers_only"} if k in settings}
+    fields = {k: settings[k] for k in RUN_FLAGS + ("stages", "check_memory") if k in settings}
+    unknown = set(settings) - set(overrides) - set(fields) - {f"stage_{s}" for s in stage_overrides}
+    if unknown:
+        raise ValueError(f"{args.config}: unknown setting(s) {', '.join(sorted(unknown))}")
+    for name in list(STAGE_FLAGS) + ["grouped"]:
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    for name in RUN_FLAGS + ("check_memory",):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.stages:
+        fields["stages"] = [int(s) for s in args.stages.split(",") if s.strip()]
+    if isinstance(fields.get("stages"), str):
+        fields["stages"] = [int(s) for s in fields["stages"].split(",")]
+    for key in ("data", "text_data"):
+        if isinstance(fields.get(key), str):
+            fields[key] = [fields[key]]
+    missing = [k for k in ("model", "out") if not fields.get(k)]
+    if missing or not fields.get("data") and not fields.get("text_data"):
+        raise ValueError(f"train needs --model, --out and --data (missing: {', '.join(missing) or '--data'})")
+    return RunConfig(**fields, overrides=overrides, stage_overrides=stage_overrides)
+
+
+def train(args) -> int:
+    from .training.data import DataError
+    from .training.loop import TrainingError, train as run_training
+
+    config = run_config(args)
+    if args.dry_run:
+        import json
+
+        from .training.loop import plan
+
+        try:
+            print(json.dumps(plan(config), indent=1))
+        except (DataError, TrainingError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    stop = threading.Event()
+
+    def request_stop(*_):
+        print("\nstopping after this step (a checkpoint is saved; --resume continues)", file=sys.stderr)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+    try:
+        result = run_training(config, log=lambda m: print(m, file=sys.stderr), stop=stop)
+    except (DataError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.stopped:
+        return EXIT_STOPPED
+    print(result.final)
+    return 0
+
+
+def evaluate(args) -> int:
+    import json
+
+    from .training.evaluate import evaluate as run_eval
+
+    if not args.mc and not args.text:
+        raise ValueError("eval needs --mc FILE and/or --text FILE")
+    runtime = load_runtime(args)
+    print(json.dumps(run_eval(runtime.model, runtime.processor, mc=args.mc, text=args.text)))
+    return 0
+
+
+def data_check(args) -> int:
+    import json
+
+    from .loading import read_config, resolve_directory
+    from .processing import VLChatProcessor
+    from .training.data import check
+
+    directory = resolve_directory(args.model)
+    config = read_config(directory)[0]
+    processor = VLChatProcessor.from_pretrained(directory, num_image_tokens=config.num_image_tokens)
+    report = check(args.paths, args.text or [], processor, max_length=args.max_length or config.max_context)
+    print(json.dumps(report.summary(), indent=1) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine", description="DeepSeek-VL engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +348,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("directory", nargs="?", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=make_demo)
+
+    p = sub.add_parser("train", help="the paper's three-stage training recipe on your data")
+    add_train_arguments(p)
+    p.set_defaults(run=train)
+
+    p = sub.add_parser("eval", help="multi-choice PPL and text perplexity of a checkpoint (one JSON object)")
+    add_model_arguments(p)
+    p.add_argument("--mc", help='multi-choice JSONL: {"images", "question", "options", "answer"}')
+    p.add_argument("--text", help='text JSONL ({"text": ...}) or .txt')
+    p.set_defaults(run=evaluate)
+
+    p = sub.add_parser("data", help="training data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("check", help="report samples, token lengths, image sizes and every problem (file:line)")
+    p.add_argument("paths", nargs="+", help="conversation files (DeepSeek JSONL, LLaVA JSON, messages JSONL)")
+    p.add_argument("--text", action="append", help="text-only data file (repeatable)")
+    from .demo import DEMO_DIR
+
+    p.add_argument("--model", default=str(DEMO_DIR), help="whose tokenizer counts tokens (default: the demo model)")
+    p.add_argument("--max-length", type=int, help="longest sample allowed (default: the model's context)")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(run=data_check)
 
     args = parser.parse_args(argv)
     if getattr(args, "directory", "") is None:

@@ -50,16 +50,19 @@ CORPUS = [
 ]
 
 
-def build_demo(directory: str | Path = DEMO_DIR, seed: int = 0) -> Path:
+def build_demo(directory: str | Path = DEMO_DIR, seed: int = 0, image_size: int = 384) -> Path:
+    """`image_size` below 384 gives fewer image tokens ((size / 16)²): the training tests use 64 (16 tokens)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     build_byte_level_tokenizer(CORPUS * 4, VOCAB_SIZE, directory)
     torch.manual_seed(seed)
-    model = DeepSeekVL(VLConfig.from_official(DEMO_CONFIG))
+    config = json.loads(json.dumps(DEMO_CONFIG))
+    config["vision_config"]["params"]["image_size"] = image_size
+    model = DeepSeekVL(VLConfig.from_official(config))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2 or name.endswith(("pos_embed", "latent")):
                 p.normal_(0.0, 0.02)
     save_pretrained(model, directory)
-    (directory / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=1))
+    (directory / "preprocessor_config.json").write_text(json.dumps({**PREPROCESSOR, "image_size": image_size}, indent=1))
     return directory

@@ -213,6 +213,8 @@ class LlamaModel(nn.Module):
         itself, so SDPA gives no NaN, and its output is zeroed afterwards: what HF's attention gives there.
         """
         S = past + T
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask.bool(), None  # ready [B, 1, T, S]: packed training rows (block-diagonal)
         if attention_mask is not None:
             if attention_mask.shape[-1] != S:
                 raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions; cache + input has {S}")
