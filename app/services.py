@@ -13,6 +13,7 @@ from .pdf_pages import PdfError, RenderCancelled
 from .scratch import Scratch
 from .screen_capture import CaptureError
 from .store import Store, StoreError
+from .training_runs import TrainingRuns
 
 # Errors whose message is written for the user (front ends show it as is; anything else is a bug to log).
 USER_ERRORS = (ChatError, StoreError, PdfError, CaptureError, RenderCancelled, ValueError, OSError)
@@ -26,6 +27,7 @@ class Services:
     history: HistoryService
     preferences: Preferences
     scratch: Scratch  # temporary files, gradio's cache included; deleting attachments removes their copies
+    training: TrainingRuns  # training runs as processes of their own
 
     @property
     def attachments_dir(self):
@@ -38,4 +40,4 @@ class Services:
         store.on_attachments_deleted(scratch.forget)
         history = HistoryService(store)
         return cls(store, models, ChatService(store, models, **chat_options), history, Preferences(store, history),
-                   scratch)
+                   scratch, TrainingRuns(store, store.data_dir / "training"))

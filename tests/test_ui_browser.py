@@ -728,3 +728,53 @@ def test_an_extreme_strip_stays_visible_in_the_transcript(page, tmp_path):
     image = page.locator("#chatbot [data-testid=user] img").last
     box = image.bounding_box()
     assert box and box["height"] >= 20 and box["width"] >= 20, box
+
+
+def test_training_tab_runs_stops_resumes_and_chats(page, tmp_path):
+    """A tiny stage-3 run from the Training tab: the plan, live progress and plot, Stop, Resume to the end,
+    then "Chat with this checkpoint" loads it in the Chat tab, where it answers. (Last in the module: it
+    switches the model, and switches back.)"""
+    from engine.demo import DEMO_DIR
+
+    from training_fixtures import conversations, tiny_model
+
+    model, data = tiny_model(tmp_path / "model"), conversations(tmp_path / "set")
+    page.click("button[role=tab]:has-text('Training')")
+    page.fill("#train-model input, #train-model textarea", str(model))
+    page.fill("#train-data textarea", str(data))
+    for stage in ("1 · adaptor warm-up", "2 · joint VL pretraining"):
+        page.locator("#train-stages label", has_text=stage).click()
+    page.fill("#train-steps input", "40")
+    page.fill("#train-save-every input", "1")
+    page.click("#train-check-btn")
+    page.wait_for_selector("#train-plan:has-text('supervised fine-tuning')")
+    page.wait_for_selector("#train-plan:has-text('8 multimodal and 2 text-only')")
+
+    page.click("#train-start-btn")
+    page.wait_for_selector("#train-status:has-text('Running')")
+    step_text = "#train-status:has-text('Stage 3: step')"
+    page.wait_for_selector(step_text, timeout=240_000)
+    first = page.locator("#train-status").inner_text()
+    page.wait_for_function("(t) => document.querySelector('#train-status').innerText !== t", arg=first,
+                           timeout=120_000)  # the progress moves
+    assert page.locator("#train-plot canvas, #train-plot svg").count() > 0
+    page.click("#train-stop-btn")
+    page.wait_for_selector("#train-status:has-text('Stopped')", timeout=120_000)
+    page.click("#train-resume-btn")
+    page.wait_for_selector("#train-status:has-text('Finished')", timeout=400_000)
+
+    page.click("#train-chat-btn")
+    page.wait_for_selector("#chat-input textarea", state="visible")  # the Chat tab is shown
+    page.wait_for_selector("#model-banner .model-name:has-text('final')", timeout=120_000)
+    page.wait_for_selector("#model-banner .status-dot.ready")
+    page.click("#new-chat-btn")
+    set_max_new_tokens(page, 4)
+    send(page, "What is two plus two? trainedmodel")
+    assert wait_answer_finished(page).strip()
+
+    page.click("button[role=tab]:has-text('Model')")
+    page.fill("#model-source input, #model-source textarea", str(DEMO_DIR))
+    page.click("#model-load-btn")
+    page.wait_for_selector("#model-banner .model-name:has-text('demo')", timeout=60_000)
+    page.wait_for_selector("#model-banner .status-dot.ready")
+    page.click("button[role=tab]:has-text('Chat')")

@@ -35,6 +35,7 @@ from .chat_tab import ChatTab
 from .common import QUIET, use_scratch
 from .history import HistoryPanel
 from .model_tab import ModelTab
+from .training_tab import TrainingTab
 from .style import CSS, KEEP_DRAFT_JS, theme
 
 TITLE = "DeepSeek-VL local"
@@ -67,23 +68,29 @@ def build_ui(services: Services) -> gr.Blocks:
         conv = gr.State(None)  # the open conversation's id, shared by the sidebar and the chat tab
         history = HistoryPanel(services, conv)
         banner = ModelTab.make_banner(services.models)
-        with gr.Tabs(elem_id="tabs"):
+        with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Chat", id="chat", elem_id="chat-tab"):
                 chat = ChatTab(services, conv)
             with gr.Tab("Model", id="model", elem_id="model-tab"):
                 model = ModelTab(services, banner)
+            with gr.Tab("Training", id="training", elem_id="training-tab"):
+                training = TrainingTab(services)
         chat.build_tools()  # the right-hand side panel
 
         chat.wire(after_change=[(history.refresh, [conv], [history.list, history.rename_box])])
         history.wire(chat)
         model.wire(chat)
+        training.wire(services, tabs, model.timer)
 
         def on_load(conversation_id, value, max_new_tokens):
             return {**history.refresh(conversation_id), **model.updates(), **chat.on_load(conversation_id),
+                    **training.on_load(),
                     chat.meter: chat.refresh_meter(conversation_id, value, max_new_tokens)}
 
         demo.load(on_load, chat.meter_inputs, [history.list, history.rename_box, model.banner, model.details,
                                                model.recent, chat.meter, chat.monitor, chat.screen_note,
-                                               chat.page_loaded, *chat.settings.inputs], **QUIET)
+                                               chat.page_loaded, *chat.settings.inputs, training.run_picker,
+                                               training.status, training.plot, training.log, training.timer,
+                                               training.chats], **QUIET)
         demo.load(None, js=KEEP_DRAFT_JS)
     return demo

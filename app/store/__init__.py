@@ -16,6 +16,7 @@ One module per concern, each a part of :class:`Store`:
     search.py         full-text search
     export.py         JSON and Markdown export, checked import
     preferences.py    the user's defaults (get_setting / set_setting)
+    runs.py           training runs started from the app
     instances.py      which instances have the directory open (locks that die with their process)
 """
 
@@ -25,6 +26,7 @@ from .conversations import PATH_END
 from .db import BUSY_TIMEOUT_S, MIGRATIONS, ROLES, STATUSES, StoreError
 from .export import EXPORT_FORMAT, EXPORT_VERSION, Export
 from .preferences import Preferences
+from .runs import Runs
 from .search import Search, fts_query
 
 __all__ = [
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 
-class Store(Export, Search, Preferences):
+class Store(Export, Search, Preferences, Runs):
     """Conversations, messages and attachments under ``data_dir``.
 
     Safe to share between threads; several processes may open the same

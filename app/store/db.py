@@ -197,8 +197,18 @@ def m006_message_tree(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX messages_parent ON messages(parent_id)")
 
 
+def m007_training_runs(db: sqlite_utils.Database) -> None:
+    # Training runs the app started (app.training_runs): pid and the process's start time tell whether
+    # a 'running' row's process is still the one that was started, after the app itself restarted.
+    db["training_runs"].create(
+        {"id": str, "created_at": str, "updated_at": str, "status": str, "request": str, "out_dir": str,
+         "pid": int, "process_started": float, "final": str, "error": str},
+        pk="id", not_null={"created_at", "updated_at", "status", "request", "out_dir"},
+    )
+
+
 MIGRATIONS = [m001_initial, m002_fts, m003_settings, m004_conversation_settings, m005_message_owner,
-              m006_message_tree]
+              m006_message_tree, m007_training_runs]
 
 
 # --------------------------------------------------------------------------
