@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from app.services import USER_ERRORS, Services
-from app.training_runs import RunRequest, TrainingRun
+from app.training_runs import RunRequest, TrainingError, TrainingRun
 from engine.training.loop import TrainingError as EngineTrainingError
 
 from .common import QUIET, guard, hide, show
@@ -46,12 +46,11 @@ class TrainingTab:
             self.export_btn = gr.Button("Export as training data", size="sm", elem_id="train-export-btn")
         self.stages = gr.CheckboxGroup(STAGE_CHOICES, value=[1, 2, 3], label="Stages", elem_id="train-stages")
         with gr.Row():
-            self.steps = gr.Number(label="Steps per stage", precision=0, minimum=1, elem_id="train-steps",
-                                   info="empty: Table 4 scaled to the data")
-            self.batch_size = gr.Number(label="Batch size", precision=0, minimum=1, elem_id="train-batch")
-            self.lr = gr.Number(label="Learning rate", elem_id="train-lr", info="empty: 1e-3 / 3e-5 / 2e-5")
+            self.steps = _preset_field("Steps per stage", "train-steps", "empty: Table 4 scaled to the data")
+            self.batch_size = _preset_field("Batch size", "train-batch")
+            self.lr = _preset_field("Learning rate", "train-lr", "empty: 1e-3 / 3e-5 / 2e-5")
         with gr.Row():
-            self.warmup = gr.Number(label="Warm-up steps", precision=0, minimum=0, elem_id="train-warmup")
+            self.warmup = _preset_field("Warm-up steps", "train-warmup")
             self.seed = gr.Number(label="Seed", precision=0, value=0, elem_id="train-seed")
             self.save_every = gr.Number(label="Checkpoint every N steps", precision=0, minimum=1, value=50,
                                         elem_id="train-save-every")
@@ -78,13 +77,12 @@ class TrainingTab:
 
     # ------------------------------------------------------------------ the form
     def request(self, model, data, text_data, stages, steps, batch, lr, warmup, seed, save_every, tuning, skip):
-        def whole(value):
-            return None if value in (None, "") else int(value)
-
         return RunRequest(model=(model or "").strip(), data=_lines(data), text_data=_lines(text_data),
-                          stages=sorted(int(s) for s in stages or ()), steps=whole(steps), batch_size=whole(batch),
-                          lr=None if lr in (None, "") else float(lr), warmup_steps=whole(warmup), seed=whole(seed),
-                          save_every=whole(save_every), tuning=tuning, skip_bad=bool(skip))
+                          stages=sorted(int(s) for s in stages or ()), steps=_number(steps, "Steps per stage"),
+                          batch_size=_number(batch, "Batch size"), lr=_number(lr, "Learning rate", whole=False),
+                          warmup_steps=_number(warmup, "Warm-up steps"), seed=_number(seed, "Seed"),
+                          save_every=_number(save_every, "Checkpoint every N steps"), tuning=tuning,
+                          skip_bad=bool(skip))
 
     @property
     def form(self) -> list:
@@ -174,6 +172,28 @@ class TrainingTab:
 
 def _lines(text: str | None) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def _preset_field(label: str, elem_id: str, info: str | None = None) -> gr.Textbox:
+    """A setting left empty for the stage presets to decide. A textbox, not gr.Number: gradio's number field
+    cannot start empty (it shows and sends 0), and 0 is not "the preset" (a warm-up of 0 steps is a choice)."""
+    return gr.Textbox(label=label, placeholder="preset", info=info, lines=1, max_lines=1, elem_id=elem_id)
+
+
+def _number(value, name: str, whole: bool = True) -> int | float | None:
+    """A field's number; None when it is empty. The ranges are RunRequest's to check."""
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        raise TrainingError(f"{name}: {text!r} is not a number.") from None
+    if not whole:
+        return number
+    if not number.is_integer():
+        raise TrainingError(f"{name} must be a whole number, got {text!r}.")
+    return int(number)
 
 
 def loss_frame(metrics: list[dict], log_scale: bool) -> pd.DataFrame:
