@@ -75,6 +75,7 @@ def build_ui(services: Services) -> gr.Blocks:
                 model = ModelTab(services, banner)
             with gr.Tab("Training", id="training", elem_id="training-tab"):
                 training = TrainingTab(services)
+        model.timer.render()  # polls the banner whichever tab is open
         chat.build_tools()  # the right-hand side panel
 
         chat.wire(after_change=[(history.refresh, [conv], [history.list, history.rename_box])])

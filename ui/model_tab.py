@@ -34,7 +34,9 @@ class ModelTab:
                 self.cancel_btn = gr.Button("Cancel loading", elem_id="model-cancel-btn")
             self.notice = gr.HTML("", visible=False, elem_id="model-notice")
         self.pending = gr.State(None)  # (source, quantization) asked for, remembered once it has loaded
-        self.timer = gr.Timer(1.0, active=self.models.status in ("idle", "loading"))
+        # Rendered by build_ui outside the tabs: gradio mounts a tab's contents only once it is opened, and a
+        # timer in an unopened Model tab never ticks (a load started from the Training tab, or at startup).
+        self.timer = gr.Timer(1.0, active=self.models.status in ("idle", "loading"), render=False)
 
     @staticmethod
     def make_banner(models) -> gr.HTML:
