@@ -707,6 +707,8 @@ def _run_stage(stage, source, run: RunConfig, report, processor, base_dir: Path,
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":  # the step's kernels are only queued yet: time them done, not launched
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
         tokens = sum(len(s) for s in batch)
         record = {"type": "step", "stage": stage, "step": step + 1, "total_steps": cfg.steps,
