@@ -257,9 +257,11 @@ class ChatSession:
         self.last_stats.reused_tokens = common
         return out.logits[0, -1]
 
-    def stream(self, params: SamplingParams | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
+    def stream(self, params: SamplingParams | None = None, cancel: threading.Event | None = None,
+               stop: Sequence[str] = ()) -> Iterator[str]:
         """Answer the last user turn, yielding text pieces. The answer (partial if stopped) is appended as an
-        assistant turn when the generator ends, however it ends."""
+        assistant turn when the generator ends, however it ends. `stop`: strings that end the answer besides the
+        template's own (as OpenAI's `stop`: the answer is cut before one, and the finish is "stop")."""
         params = params or SamplingParams()
         if not self.turns or self.turns[-1].role != USER:
             raise ValueError("add a user turn first")
@@ -275,7 +277,7 @@ class ChatSession:
         cancel.clear()
         tokenizer = self.processor.tokenizer
         stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        stop_strings = list(self.processor.template.stop_str)
+        stop_strings = [*self.processor.template.stop_str, *(s for s in stop if s)]
         longest_stop = max(map(len, stop_strings), default=0)
         detokenizer = Detokenizer(tokenizer)
         text = ""  # the answer decoded so far (cut at a stop string once one appears)
@@ -329,8 +331,8 @@ class ChatSession:
     def cancel(self) -> None:
         self.cancel_event.set()
 
-    def answer(self, params: SamplingParams | None = None) -> str:
-        return "".join(self.stream(params))
+    def answer(self, params: SamplingParams | None = None, stop: Sequence[str] = ()) -> str:
+        return "".join(self.stream(params, stop=stop))
 
 
 def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:

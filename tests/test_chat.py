@@ -237,3 +237,15 @@ def test_streamed_pieces_join_to_the_session_answer(runtime):
     pieces = list(session.stream(SamplingParams(temperature=1.0, seed=7, max_new_tokens=80)))
     assert "".join(pieces).strip() == session.turns[-1].text
     assert all(pieces)
+
+
+def test_caller_stop_strings_cut_the_answer(runtime):
+    session = ChatSession(runtime)
+    session.add_user("Say something long.")
+    params = SamplingParams(temperature=1.0, seed=7, max_new_tokens=80)
+    full = session.answer(params)
+    stop = full.strip()[5:8]  # a piece from inside the answer: the answer must end just before it
+    session.drop_last_answer()
+    cut = session.answer(params, stop=[stop])
+    assert session.last_stats.finish == "stop"
+    assert cut == full[:full.find(stop)] and stop not in cut
