@@ -17,6 +17,7 @@ APP_NAME = "deepseek-vl-local"
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # Same spellings as engine.runtime.DTYPES (a test keeps them in step), without importing torch here.
 DTYPE_CHOICES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+API_KEY_ENV = "DSVL_API_KEY"  # keeps the key out of the process list, where --api-key shows to other users
 
 log = logging.getLogger("run_app")
 
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
     server.add_argument("--auth", type=_auth, metavar="USER:PASS", default=None, help="require this login")
     server.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    api = p.add_argument_group("OpenAI-compatible API (at /v1 on the same server)")
+    api.add_argument("--api-key", metavar="KEY", default=None,
+                     help=f"the key API clients must send (default: ${API_KEY_ENV} if set, else a new key is "
+                          "generated at each start and printed once)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help=f"where conversations and images are kept (default: {default_data_dir()})")
     return p
@@ -97,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.device = None if args.device == "auto" else args.device
     args.dtype = None if args.dtype == "auto" else args.dtype
     args.data_dir = (args.data_dir or default_data_dir()).expanduser()
+    args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     return args
 
 
@@ -136,13 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     # Loading runs in the background: the UI comes up at once and shows the progress.
     models = ModelManager(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization).start()
     services = Services.build(store, models, scratch=scratch, scheduler=Scheduler(args.parallel))
+    from app.api import OpenAIApi, generate_api_key
     from ui.app import build_ui  # imported late: gradio is heavy and --help must not need it
 
+    # No per-install secret exists yet, so without a key given one is made for this run only.
+    api_key = args.api_key or generate_api_key()
+    api = OpenAIApi(models, services.chat.scheduler, api_key)
     demo = build_ui(services)
     # quiet: gradio's own banner advises `share=True in launch()`, which means nothing to a user of this app.
+    # The API's routes go first in the server's routing table, before gradio's own.
     _, url, share_url = demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
-                                            auth=args.auth, inbrowser=False, quiet=True, prevent_thread_lock=True)
-    print(startup_message(url, share_url, models.model_name, args.data_dir), flush=True)
+                                            auth=args.auth, inbrowser=False, quiet=True, prevent_thread_lock=True,
+                                            app_kwargs={"routes": api.routes()})
+    print(startup_message(url, share_url, models.model_name, args.data_dir,
+                          api_key=None if args.api_key else api_key), flush=True)
     if not args.no_browser:
         open_browser(url)
     # A plain `kill` ends the app like Ctrl+C, so the scratch folder is removed on the way out.
@@ -155,13 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def startup_message(url: str, share_url: str | None, model: str, data_dir: Path) -> str:
+def startup_message(url: str, share_url: str | None, model: str, data_dir: Path, api_key: str | None = None) -> str:
+    """`api_key`: a key generated for this run, shown this once (a key the user gave is not echoed)."""
     lines = [f"DeepSeek-VL local is running at {url}"]
     if share_url:
         lines.append(f"  public link:  {share_url}")
     lines += [f"  model:        {model}; it loads in the background, the page shows the progress",
               f"  data folder:  {data_dir} (conversations and images)",
-              "Press Ctrl+C to stop."]
+              f"  OpenAI API:   {url.rstrip('/')}/v1"]
+    if api_key:
+        lines.append(f"  API key:      {api_key} (new at each start; choose one with --api-key)")
+    lines.append("Press Ctrl+C to stop.")
     return "\n".join(lines)
 
 

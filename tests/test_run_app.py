@@ -33,6 +33,20 @@ def test_flags(tmp_path):
     assert run_app.parse_args(["--load-8bit"]).quantization == "8bit"
 
 
+def test_api_key_from_the_flag_or_the_environment(monkeypatch):
+    monkeypatch.delenv(run_app.API_KEY_ENV, raising=False)
+    assert run_app.parse_args([]).api_key is None  # main() generates one
+    monkeypatch.setenv(run_app.API_KEY_ENV, "from-env")
+    assert run_app.parse_args([]).api_key == "from-env"
+    assert run_app.parse_args(["--api-key", "from-flag"]).api_key == "from-flag"
+
+
+def test_a_given_api_key_is_not_echoed():
+    message = run_app.startup_message("http://127.0.0.1:1/", None, "m", Path("/d"))
+    assert "http://127.0.0.1:1/v1" in message and "API key" not in message
+    assert "API key:      sk-1" in run_app.startup_message("http://127.0.0.1:1/", None, "m", Path("/d"), api_key="sk-1")
+
+
 def test_parallel_answers():
     assert run_app.parse_args([]).parallel == 1
     assert run_app.parse_args(["--parallel", "3"]).parallel == 3
@@ -105,11 +119,15 @@ def test_main_builds_the_service_and_launches_the_ui(tmp_path, monkeypatch, caps
     assert service.models is models and service.store is store
     assert service.scheduler.slots == 1  # one answer at a time unless --parallel says otherwise
     assert models.wait(60) and models.is_demo  # the demo loaded in the background
+    routes = seen["launch"].pop("app_kwargs")["routes"]  # the OpenAI-compatible API, on the same server
+    assert {r.path for r in routes} >= {"/v1/models", "/v1/chat/completions"}
     assert seen["launch"] == {"server_name": "127.0.0.1", "server_port": 9000, "share": False, "auth": ("u", "p"),
                               "inbrowser": False, "quiet": True, "prevent_thread_lock": True}
     assert seen["blocked"]
     out = capsys.readouterr().out
     assert "running at http://127.0.0.1:9000/" in out and str(tmp_path) in out and models.model_name in out
+    # No --api-key: a key was made for this run and shown once.
+    assert "OpenAI API:   http://127.0.0.1:9000/v1" in out and "API key:      sk-dsvl-" in out
     assert store.get_conversation(cid)["messages"][1]["status"] == "stopped"
     # Gradio's cache was in the app's scratch folder, removed when the app ended.
     assert os.environ["GRADIO_TEMP_DIR"] == str(tmp_path / "tmp" / store.instance_id / "gradio")
