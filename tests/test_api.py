@@ -297,3 +297,44 @@ def test_malformed_requests(server, body, words):
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     for word in words:
         assert word in error["message"]
+
+
+def test_two_conversations_at_once_keep_their_own_caches(client):
+    a, b = [user("First conversation.", png("purple"))], [user("Second conversation.", png("orange"))]
+    for messages in (a, b):
+        answer = client.chat.completions.create(model=MODEL, max_tokens=6, messages=messages)
+        messages += [{"role": "assistant", "content": answer.choices[0].message.content}, user("Go on.")]
+    for messages in (a, b):  # B's request did not take A's session: both continue from their cache
+        response = client.chat.completions.create(model=MODEL, max_tokens=6, messages=messages)
+        assert response.usage.prompt_tokens_details.cached_tokens > 576
+
+
+# ---------------------------------------------------------------------- in this process
+def test_requests_wait_in_the_schedulers_line(models):
+    """An API request queues behind whatever holds the model (here a ticket standing for a UI answer)."""
+    import threading
+
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from app.api import OpenAIApi
+    from app.scheduler import Scheduler
+
+    scheduler = Scheduler(1)
+    api = OpenAIApi(models, scheduler, KEY)
+    results = []
+    with TestClient(Starlette(routes=api.routes())) as http:
+        ui_answer = scheduler.submit(label="a UI answer")
+        assert ui_answer.running
+        request = threading.Thread(target=lambda: results.append(http.post(
+            "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+            json={"model": MODEL, "max_tokens": 2, "messages": [user("hi")]})))
+        request.start()
+        deadline = time.monotonic() + 30
+        while scheduler.waiting == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scheduler.waiting == 1 and not results  # in line, not answered
+        ui_answer.release()
+        request.join(60)
+    assert results[0].status_code == 200 and results[0].json()["usage"]["completion_tokens"] == 2
+    assert scheduler.running == 0 and scheduler.waiting == 0
