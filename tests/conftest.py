@@ -9,6 +9,10 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("DSVL_REFERENCE_DIR") or REPO.parent / "shared" / "reference")
 # Under CI every component a test needs must be there: a browser test that skipped is not a passed one.
 IN_CI = bool(os.environ.get("CI"))
+# A tiny random DeepSeek-VL (the real architecture, 384 px; the first embedded demo): its answers are gibberish
+# that runs on to max_new_tokens, which the tests of Stop, queueing and streaming need (the trained demo answers in
+# a few words and stops), and its shapes are the ones the kernel and quantization tests were written for.
+TALKATIVE = REPO / "tests" / "models" / "talkative"
 
 
 def pytest_configure(config):
@@ -46,11 +50,27 @@ def stop_process(process, timeout: float = 10) -> None:
 
 
 @pytest.fixture(scope="session")
-def models():
-    """The embedded demo model, loaded once for every test module that chats with it."""
-    from app.models import ModelManager
-    from engine.demo import DEMO_DIR
+def talkative_model() -> Path:
+    return TALKATIVE
 
-    manager = ModelManager(DEMO_DIR).start()
+
+def _manager(source):
+    from app.models import ModelManager
+
+    manager = ModelManager(source).start()
     assert manager.wait(120), manager.error
     return manager
+
+
+@pytest.fixture(scope="session")
+def models(talkative_model):
+    """The talkative model, loaded once for every test module that chats with it."""
+    return _manager(talkative_model)
+
+
+@pytest.fixture(scope="session")
+def demo_models():
+    """The embedded demo model (assets/demo-model), loaded once."""
+    from engine.demo import DEMO_DIR
+
+    return _manager(DEMO_DIR)

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API with the official `openai` client against a real `run_app.py` on the demo model.
+"""The OpenAI-compatible API with the official `openai` client against a real `run_app.py` on the talkative model
+(a tiny random model whose answers run on to max_tokens, see conftest).
 
 Answers are greedy, so each is checked against the same conversation answered in this process by an engine
 ChatSession on the same checkpoint: equal text and equal token counts show that the prompt (system prompt,
@@ -31,7 +32,7 @@ httpx = require_module("httpx")
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
-MODEL = "deepseek-vl-demo"
+MODEL = "talkative"  # the checkpoint folder's name
 STARTUP_TIMEOUT_S = 120
 
 
@@ -42,8 +43,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """run_app.py on the demo model with an API key; its base URL once the model is ready."""
+def server(tmp_path_factory, talkative_model):
+    """run_app.py on the talkative model with an API key; its base URL once the model is ready."""
     data_dir = tmp_path_factory.mktemp("api-data")
     log_path = data_dir.parent / "api-server.log"
     port = _free_port()
@@ -51,7 +52,7 @@ def server(tmp_path_factory):
     env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "run_app.py", "--no-browser", "--port", str(port), "--data-dir",
-                                 str(data_dir), "--api-key", KEY], cwd=REPO, env=env, stdout=log,
+                                 str(data_dir), "--model", str(talkative_model), "--api-key", KEY], cwd=REPO, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/v1"
     try:

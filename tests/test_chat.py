@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from engine.chat import ASSISTANT, USER, ChatSession, ContextOverflow, Turn, _first_stop, _partial_stop
-from engine.demo import DEMO_DIR
+from conftest import TALKATIVE
 from engine.generation import Detokenizer, SamplingParams
 from engine.runtime import Runtime
 
@@ -16,7 +16,7 @@ GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 
 @pytest.fixture(scope="module")
 def runtime():
-    return Runtime.load(DEMO_DIR)
+    return Runtime.load(TALKATIVE)
 
 
 def picture(color, size=(320, 200)):

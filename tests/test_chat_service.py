@@ -13,7 +13,8 @@ from app.scheduler import Scheduler
 from app.settings import GenerationSettings
 from app.store import Store
 from engine.chat import ASSISTANT, USER, ChatSession, Turn
-from engine.demo import DEMO_DIR, DEMO_NAME
+from conftest import TALKATIVE
+from engine.demo import DEMO_NAME
 from engine.generation import SamplingParams
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 6}
@@ -59,15 +60,17 @@ def fresh_answers(runtime, questions, params=SamplingParams(max_new_tokens=6)):
 
 
 # ---------------------------------------------------------------------- model manager
-def test_model_manager_loads_in_background_and_labels_the_demo(models):
+def test_model_manager_loads_in_background_and_labels_the_demo(demo_models):
+    models = demo_models
     assert models.status == "ready" and models.error is None
     assert models.progress.fraction == 1.0
     banner = models.banner()
     assert banner["demo"] and banner["model"] == DEMO_NAME
     assert "--model deepseek-ai/deepseek-vl-7b-chat --load-4bit" in banner["hint"]
     assert banner["device"] == "cpu" and banner["dtype"] == "float32" and banner["quantization"] == "none"
-    assert banner["memory"].endswith("MiB") and banner["image_size"] == 384
-    assert "tiny random demo" in banner["text"]
+    assert banner["memory"].endswith("MiB") and banner["image_size"] == 256
+    assert "small demo model that knows shapes, colours, counts and written words" in banner["text"]
+    assert "Training tab" in banner["hint"]
 
 
 def test_model_manager_reports_a_clear_load_error(tmp_path):
@@ -90,7 +93,7 @@ def test_model_manager_cancel():
         if cancel.is_set():
             raise LoadCancelled("cancelled")
 
-    manager = ModelManager(DEMO_DIR, loader=slow_loader).start()
+    manager = ModelManager(TALKATIVE, loader=slow_loader).start()
     assert started.wait(10)
     assert manager.status == "loading" and manager.progress.fraction == 0.25
     with pytest.raises(ChatError, match="still loading"):
@@ -536,7 +539,7 @@ def test_budget_counts_pending_images_and_warns(service):
 
 
 def test_budget_is_none_while_loading(store):
-    manager = ModelManager(DEMO_DIR)  # never started
+    manager = ModelManager(TALKATIVE)  # never started
     assert ChatService(store, manager).budget(None) is None
     events, last = run(ChatService(store, manager).send(None, "hi"))
     assert last.kind == "error" and "not been loaded" in last.text

@@ -171,10 +171,10 @@ def test_attend_decode_declines_batches_and_gradients():
 
 
 def test_decoding_with_and_without_native_kernels_agrees():
-    from engine.demo import DEMO_DIR
+    from conftest import TALKATIVE
     from engine.loading import load_model
 
-    lm = load_model(DEMO_DIR).model.language_model  # fp32
+    lm = load_model(TALKATIVE).model.language_model  # fp32
     logits = []
     for use_native in (True, False):
         cache = lm.new_cache()
@@ -381,12 +381,12 @@ def test_backends_without_native_kernels_say_why(native_off):
 
 def test_runtime_describes_its_backends_and_4bit_without_native_kernels_is_int4(native_off):
     from engine.chat import ChatSession
-    from engine.demo import DEMO_DIR
+    from conftest import TALKATIVE
     from engine.generation import SamplingParams
     from engine.kernels.quant import Int4Linear
     from engine.runtime import Runtime
 
-    runtime = Runtime.load(DEMO_DIR, quantization="4bit")
+    runtime = Runtime.load(TALKATIVE, quantization="4bit")
     assert runtime.quant_backend == "int4" and runtime.advice() is None
     assert isinstance(runtime.model.language_model.model.layers[0].mlp.down_proj, Int4Linear)
     info = runtime.describe()

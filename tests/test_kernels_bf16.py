@@ -4,17 +4,17 @@ import torch
 from torch import nn
 
 from engine.kernels.bf16 import UpcastConv2d, UpcastLinear, upcast_matmuls
-from engine.demo import DEMO_DIR
+from conftest import TALKATIVE
 from engine.loading import load_model
 
 
 def test_upcast_keeps_parameters_and_computes_in_fp32():
-    model = load_model(DEMO_DIR, dtype=torch.bfloat16).model
+    model = load_model(TALKATIVE, dtype=torch.bfloat16).model
     keys = list(model.state_dict())
     pixels = torch.rand(1, 3, 384, 384, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model.encode_images(pixels).float()
-        reference = load_model(DEMO_DIR).model.encode_images(pixels)
+        reference = load_model(TALKATIVE).model.encode_images(pixels)
         assert upcast_matmuls(model) > 0
         after = model.encode_images(pixels).float()
     assert list(model.state_dict()) == keys
@@ -57,6 +57,6 @@ def test_runtime_applies_it_for_cpu_bf16(monkeypatch):
     import engine.runtime as runtime
 
     monkeypatch.setattr(runtime, "native_bf16", lambda: False)
-    loaded = runtime.Runtime.load(DEMO_DIR, dtype="bf16")
+    loaded = runtime.Runtime.load(TALKATIVE, dtype="bf16")
     assert isinstance(loaded.model.aligner.layers[0], UpcastLinear)
-    assert type(runtime.Runtime.load(DEMO_DIR).model.aligner.layers[0]) is nn.Linear  # fp32: untouched
+    assert type(runtime.Runtime.load(TALKATIVE).model.aligner.layers[0]) is nn.Linear  # fp32: untouched

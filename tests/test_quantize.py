@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from engine.chat import ChatSession
-from engine.demo import DEMO_DIR
+from conftest import TALKATIVE
 from engine.generation import SamplingParams
 from engine.kernels import native
 from engine.kernels.quant import Int8Linear
@@ -18,7 +18,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 @pytest.fixture(scope="module")
 def full():
-    return Runtime.load(DEMO_DIR, dtype="bf16")
+    return Runtime.load(TALKATIVE, dtype="bf16")
 
 
 def _logits(runtime, ids=torch.tensor([[1, 40, 41, 42, 43, 44]])):
@@ -36,12 +36,12 @@ def _logits(runtime, ids=torch.tensor([[1, 40, 41, 42, 43, 44]])):
     ("4bit", "int4", "Int4Linear", 0.97),
 ])
 def test_quantized_load(full, mode, backend, linear_type, similarity):
-    quant = Runtime.load(DEMO_DIR, dtype="bf16", quantization=mode, quant_backend=backend)
+    quant = Runtime.load(TALKATIVE, dtype="bf16", quantization=mode, quant_backend=backend)
     assert quant.quant_backend == backend and quant.describe()["quant_backend"] == backend
     # bitsandbytes on a CPU is slow: the runtime says so (the app's banner and the CLI show it).
     assert (quant.advice() is not None) == (backend == "bitsandbytes")
     if backend == "nf4":  # the same NF4 numbers bitsandbytes computes with
-        ref = Runtime.load(DEMO_DIR, dtype="bf16", quantization=mode, quant_backend="bitsandbytes")
+        ref = Runtime.load(TALKATIVE, dtype="bf16", quantization=mode, quant_backend="bitsandbytes")
         assert torch.nn.functional.cosine_similarity(_logits(ref).flatten(), _logits(quant).flatten(), 0) > 0.999
     layers = quant.model.language_model.model.layers
     quantized = [m for m in layers.modules() if type(m).__name__ == linear_type]
@@ -90,7 +90,7 @@ def test_automatic_backend_is_the_engines_kernels_on_cpu_and_bitsandbytes_elsewh
 
 
 def test_8bit_on_cpu_by_default_is_int8_in_bf16_and_decodes_like_bf16(full):
-    quant = Runtime.load(DEMO_DIR, quantization="8bit")  # no dtype asked: bf16, not the CPU's fp32 default
+    quant = Runtime.load(TALKATIVE, quantization="8bit")  # no dtype asked: bf16, not the CPU's fp32 default
     assert quant.dtype == torch.bfloat16 and quant.quant_backend == "int8"
     assert all(isinstance(m, Int8Linear) for layer in quant.model.language_model.model.layers
                for m in (layer.self_attn.q_proj, layer.mlp.down_proj))
@@ -114,7 +114,7 @@ def test_a_load_that_cannot_fit_says_how_much_and_suggests_quantizing(monkeypatc
 
     monkeypatch.setattr(runtime, "available_bytes", lambda device: 1024)
     with pytest.raises(LoadError, match=r"needs about .* GiB .* only .* Try --load-4bit"):
-        Runtime.load(DEMO_DIR)
+        Runtime.load(TALKATIVE)
 
 
 def test_loading_quantizes_layer_by_layer_without_a_full_precision_copy():
@@ -133,7 +133,7 @@ def test_loading_quantizes_layer_by_layer_without_a_full_precision_copy():
         seen.append(weakref.ref(linear.weight))
         return Int8Linear(linear)
 
-    model = load_model(DEMO_DIR, dtype=torch.bfloat16, swap=LinearSwap(is_decoder_linear, build)).model
+    model = load_model(TALKATIVE, dtype=torch.bfloat16, swap=LinearSwap(is_decoder_linear, build)).model
     gc.collect()
     layers = model.language_model.model.layers
     assert len(seen) == 7 * len(layers) and alive_at_build == [0] * len(seen)

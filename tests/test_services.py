@@ -11,7 +11,7 @@ from app.models import ModelManager
 from app.records import Conversation, SearchHit
 from app.services import Services
 from app.store import Store, StoreError
-from engine.demo import DEMO_DIR
+from conftest import TALKATIVE
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 6}
 
@@ -139,7 +139,7 @@ def test_switching_models_without_a_restart(tmp_path):
     from engine.demo import build_demo
 
     other = build_demo(tmp_path / "other-model", seed=1)
-    manager = ModelManager(DEMO_DIR).start()
+    manager = ModelManager(TALKATIVE).start()
     assert manager.wait(120), manager.error
     with Store(tmp_path / "data") as store:
         services = Services.build(store, manager)
@@ -158,7 +158,7 @@ def test_switching_models_without_a_restart(tmp_path):
         assert manager.status == "loading" and manager.runtime is demo_runtime
         manager.cancel()
         holder.release()
-        assert manager.wait(60) and manager.runtime is demo_runtime and manager.source == DEMO_DIR
+        assert manager.wait(60) and manager.runtime is demo_runtime and manager.source == TALKATIVE
 
         services.chat.switch_model(str(other), "8bit")
         assert manager.wait(120), manager.error
@@ -169,8 +169,8 @@ def test_switching_models_without_a_restart(tmp_path):
         assert second.text and services.history.get(first.conversation_id).messages[-1].status == "complete"
 
         services.preferences.remember_model(str(other), "8bit")
-        services.preferences.remember_model(str(DEMO_DIR), None)
-        assert [m.label for m in services.preferences.recent_models()] == [str(DEMO_DIR), f"{other} (8bit)"]
+        services.preferences.remember_model(str(TALKATIVE), None)
+        assert [m.label for m in services.preferences.recent_models()] == [str(TALKATIVE), f"{other} (8bit)"]
 
 
 @pytest.mark.parametrize("native", ["0", None])

@@ -66,10 +66,10 @@ def test_each_stage_trains_exactly_its_parameters(setup, stage):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_hybrid_model_gets_gradients_exactly_where_intended_and_sam_never_changes(tmp_path, stage):
-    from engine.demo import DEMO_DIR
+    from conftest import TALKATIVE
 
     model, _ = loop.prepare_model(HYBRID, stage, RunConfig(model=str(HYBRID), out=str(tmp_path)), torch.device("cpu"))
-    tokenizer_owner = VLChatProcessor.from_pretrained(DEMO_DIR)  # the reference model ships no tokenizer
+    tokenizer_owner = VLChatProcessor.from_pretrained(TALKATIVE)  # the reference model ships no tokenizer
     processor = VLChatProcessor(tokenizer_owner.tokenizer, ImageProcessor(ImageProcessorConfig.from_pretrained(HYBRID)),
                                 num_image_tokens=576)
     ids = torch.cat([torch.tensor([1]), torch.full((576,), processor.image_id), torch.arange(100, 140)])

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from engine.demo import DEMO_DIR
+from conftest import TALKATIVE
 from engine.processing import EOS_TOKEN, IMAGE_TOKEN, VLChatProcessor
 from engine.training import data
 from engine.training.data import IGNORE, LANGUAGE, MULTIMODAL
@@ -17,7 +17,7 @@ from training_fixtures import REPO_ROOT, conversations, image
 
 @pytest.fixture(scope="module")
 def processor():
-    return VLChatProcessor.from_pretrained(DEMO_DIR, num_image_tokens=16)
+    return VLChatProcessor.from_pretrained(TALKATIVE, num_image_tokens=16)
 
 
 def write(path, lines):

@@ -45,13 +45,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path, port: int, log_path: Path, **env_vars: str) -> subprocess.Popen:
-    """run_app.py on the demo model, headless (no DISPLAY), answering at http://127.0.0.1:<port>/ on return."""
+def start_server(data_dir: Path, port: int, log_path: Path, model: Path | None = None,
+                 **env_vars: str) -> subprocess.Popen:
+    """run_app.py on `model` (default: the embedded demo), headless (no DISPLAY), answering at
+    http://127.0.0.1:<port>/ on return."""
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **env_vars)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "run_app.py", "--no-browser", "--port", str(port), "--data-dir", str(data_dir)],
+            [sys.executable, "run_app.py", "--no-browser", "--port", str(port), "--data-dir", str(data_dir),
+             *(["--model", str(model)] if model else [])],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -75,13 +78,15 @@ def start_server(data_dir: Path, port: int, log_path: Path, **env_vars: str) -> 
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, talkative_model):
+    """The app on the talkative model: its long answers are what Stop, the queue and streaming are tested on
+    (the demo model's own browser test is in test_ui_demo.py)."""
     data_dir = tmp_path_factory.mktemp("ui-data")
     log_path = data_dir.parent / "server.log"
     port = _free_port()
-    proc = start_server(data_dir, port, log_path)
+    proc = start_server(data_dir, port, log_path, talkative_model)
     try:
-        yield {"url": f"http://127.0.0.1:{port}/", "data_dir": data_dir, "log": log_path}
+        yield {"url": f"http://127.0.0.1:{port}/", "data_dir": data_dir, "log": log_path, "model": talkative_model}
     finally:
         stop_process(proc)
 
@@ -689,10 +694,10 @@ def test_second_tab_waits_in_line_and_sees_its_place(browser, server, store, sha
         context.close()
 
 
-def test_switch_models_from_the_model_tab(page, store, tmp_path):
-    from engine.demo import DEMO_DIR, build_demo
+def test_switch_models_from_the_model_tab(page, store, server, tmp_path):
+    from engine.tiny import build_tiny
 
-    other = build_demo(tmp_path / "second-model", seed=3)
+    other = build_tiny(tmp_path / "second-model", seed=3)
     page.click("button[role=tab]:has-text('Model')")
     page.fill("#model-source input, #model-source textarea", str(tmp_path / "missing"))
     page.click("#model-load-btn")
@@ -707,11 +712,11 @@ def test_switch_models_from_the_model_tab(page, store, tmp_path):
     answer = find_conversation(store, "falconmodel")["messages"][-1]
     assert answer["status"] == "complete" and answer["model"] == "second-model"
 
-    # Back to the demo through the list of recent models (the rest of this module chats with it).
+    # Back to the first model through the list of recent models (the rest of this module chats with it).
     page.click("button[role=tab]:has-text('Model')")
-    page.fill("#model-source input, #model-source textarea", str(DEMO_DIR))
+    page.fill("#model-source input, #model-source textarea", str(server["model"]))
     page.click("#model-load-btn")
-    page.wait_for_selector("#model-banner .model-name:has-text('demo')", timeout=60_000)
+    page.wait_for_selector("#model-banner .model-name:has-text('talkative')", timeout=60_000)
     page.wait_for_selector("#model-banner .status-dot.ready")
     page.click("#recent-models input")
     page.wait_for_selector("[role=option]:has-text('second-model')")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from app.store import Store
 
-from conftest import stop_process
+from conftest import TALKATIVE, stop_process
 from test_ui_browser import (CURSOR, TIMEOUT_MS, _free_port, attach, browser, expect_count,  # noqa: F401 (fixture)
                              find_conversation, last_answer, open_app, open_from_history, send, set_max_new_tokens,
                              start_server, wait_answer_finished)
@@ -34,7 +34,8 @@ class Server:
         self.proc = None
 
     def start(self) -> None:
-        self.proc = start_server(self.data_dir, self.port, self.log, TMPDIR=str(self.temp_dir))
+        # The talkative model: an answer still streams when the server is killed.
+        self.proc = start_server(self.data_dir, self.port, self.log, TALKATIVE, TMPDIR=str(self.temp_dir))
 
     def kill(self) -> None:
         os.kill(self.proc.pid, signal.SIGKILL)  # no cleanup of any kind runs

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from engine.demo import build_demo
+from engine.tiny import build_tiny
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,7 @@ COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 220), "green": (30, 200, 60), 
 
 def tiny_model(directory: Path) -> Path:
     """The demo architecture (SigLIP, mlp_gelu adaptor, 2-layer LLaMA), 64-pixel images (16 image tokens)."""
-    return build_demo(directory, seed=0, image_size=64)
+    return build_tiny(directory, seed=0, image_size=64)
 
 
 def image(directory: Path, colour: str, size=(40, 30)) -> Path:

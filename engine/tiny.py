@@ -1,8 +1,5 @@
-"""The small embedded demo model: the real DeepSeek-VL architecture (SigLIP tower, mlp_gelu adaptor, LLaMA),
-shrunk to a few MB with random weights, so the app and its tests run offline with no download.
-
-It answers with gibberish: it proves the pipeline, not the paper. `python -m engine make-demo DIR` rebuilds it
-deterministically; `assets/demo-model/` holds the committed copy.
+"""A tiny random DeepSeek-VL for tests: the real architecture (SigLIP tower, mlp_gelu adaptor, LLaMA) shrunk to a
+few MB, built in a second with no download. It answers with gibberish; the trained demo model is `engine.demo`.
 """
 
 from __future__ import annotations
@@ -17,11 +14,9 @@ from .model.config import VLConfig
 from .model.vlm import DeepSeekVL
 from .processing import build_byte_level_tokenizer
 
-DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
-DEMO_NAME = "demo (tiny random DeepSeek-VL, not a real checkpoint)"
 VOCAB_SIZE = 1024
 
-DEMO_CONFIG = {
+TINY_CONFIG = {
     "model_type": "multi_modality",
     "architectures": ["MultiModalityCausalLM"],
     "vision_config": {
@@ -50,13 +45,13 @@ CORPUS = [
 ]
 
 
-def build_demo(directory: str | Path = DEMO_DIR, seed: int = 0, image_size: int = 384) -> Path:
+def build_tiny(directory: str | Path, seed: int = 0, image_size: int = 384) -> Path:
     """`image_size` below 384 gives fewer image tokens ((size / 16)²): the training tests use 64 (16 tokens)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     build_byte_level_tokenizer(CORPUS * 4, VOCAB_SIZE, directory)
     torch.manual_seed(seed)
-    config = json.loads(json.dumps(DEMO_CONFIG))
+    config = json.loads(json.dumps(TINY_CONFIG))
     config["vision_config"]["params"]["image_size"] = image_size
     model = DeepSeekVL(VLConfig.from_official(config))
     with torch.no_grad():
