@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = p.add_argument_group("model")
     model.add_argument("--model", metavar="PATH_OR_ID", default=None,
-                       help="checkpoint directory or Hugging Face id (default: the embedded tiny demo model, "
-                            "which runs offline but answers gibberish)")
+                       help="checkpoint directory or Hugging Face id (default: the embedded demo model, which "
+                            "runs offline and knows shapes, colours, counts and words in simple images)")
     quant = model.add_mutually_exclusive_group()
     quant.add_argument("--load-4bit", action="store_true",
                        help="quantize the language model to 4-bit (NF4; on a CPU also faster than bf16)")

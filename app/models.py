@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from engine.demo import DEMO_DIR, DEMO_NAME
+from engine.demo import DEMO_ABOUT, DEMO_DIR, DEMO_NAME
 from engine.loading import LoadCancelled, LoadError
 from engine.runtime import Runtime
 
@@ -205,8 +205,8 @@ class ModelManager:
                                 "quantization": self.quantization or "none", "memory": None, "memory_bytes": None,
                                 "context": None, "image_size": None}
         if self.is_demo:
-            info["hint"] = ("This is a tiny random demo model: its answers are gibberish. "
-                            f"To load a real checkpoint run: {REAL_MODEL_HINT}")
+            info["hint"] = (f"{DEMO_ABOUT} For real use load deepseek-ai/deepseek-vl-7b-chat from the Model tab "
+                            f"(or run: {REAL_MODEL_HINT} on a small GPU), or a checkpoint made in the Training tab.")
         if self._runtime is not None and self._status == "ready":
             d = self._runtime.describe()
             info["hint"] = info["hint"] or d["advice"]

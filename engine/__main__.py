@@ -53,14 +53,29 @@ def load_runtime(args):
     return runtime
 
 
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params(args):
+    from .generation import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
+
+
 def chat(args) -> int:
     from .chat import ChatSession, ContextOverflow
-    from .generation import SamplingParams
 
     runtime = load_runtime(args)
     session = ChatSession(runtime, system_prompt=args.system_prompt)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    params = sampling_params(args)
     pending = [path for path in args.image if _image_ok(path)]
     print(HELP, file=sys.stderr)
     while True:
@@ -170,9 +185,11 @@ def inspect(args) -> int:
 
 
 def make_demo(args) -> int:
-    from .demo import build_demo
+    from pathlib import Path
 
-    print(build_demo(args.directory, seed=args.seed))
+    from .demo.build import FULL, SMOKE, make_demo as build
+
+    print(build(Path(args.directory), SMOKE if args.smoke else FULL, seed=args.seed, install=args.install))
     return 0
 
 
@@ -301,10 +318,30 @@ def evaluate(args) -> int:
 
     from .training.evaluate import evaluate as run_eval
 
-    if not args.mc and not args.text:
-        raise ValueError("eval needs --mc FILE and/or --text FILE")
+    from .training.evaluate import answers
+
+    if not args.mc and not args.text and not args.qa:
+        raise ValueError("eval needs --mc FILE, --text FILE and/or --qa FILE")
     runtime = load_runtime(args)
-    print(json.dumps(run_eval(runtime.model, runtime.processor, mc=args.mc, text=args.text)))
+    result = run_eval(runtime.model, runtime.processor, mc=args.mc, text=args.text)
+    if args.qa:
+        result.update(answers(runtime, args.qa))
+    print(json.dumps(result))
+    return 0
+
+
+def ask(args) -> int:
+    """One question, one answer on stdout: the chat path the app uses, without the conversation."""
+    from .chat import ChatSession
+
+    for path in args.image:
+        if not _image_ok(path):
+            return 2
+    runtime = load_runtime(args)
+    session = ChatSession(runtime, system_prompt=args.system_prompt)
+    params = sampling_params(args)
+    session.add_user(args.question, args.image, reserve=min(params.max_new_tokens, 64))
+    print(session.answer(params).strip())
     return 0
 
 
@@ -330,33 +367,40 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("chat", help="interactive multimodal chat in the terminal")
     add_model_arguments(p)
     p.add_argument("--image", action="append", default=[], help="image for the first message (repeatable)")
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(p)
     p.set_defaults(run=chat)
+
+    p = sub.add_parser("ask", help="one question (with images), one answer on stdout; greedy unless told")
+    add_model_arguments(p)
+    p.add_argument("--image", action="append", default=[], help="image to ask about (repeatable, in order)")
+    p.add_argument("question")
+    add_sampling_arguments(p)
+    p.set_defaults(run=ask)
 
     p = sub.add_parser("inspect", help="architecture, parameter count, memory need and the kernels that would run, "
                                        "without loading weights")
     p.add_argument("--model", default="1.3b", help="'1.3b', '7b', a checkpoint directory or hub id")
     p.set_defaults(run=inspect)
 
-    p = sub.add_parser("make-demo", help="rebuild the embedded demo model")
-    p.add_argument("directory", nargs="?", default=None)
+    p = sub.add_parser("make-demo", help="rebuild the embedded demo model from nothing: data, tokenizer, "
+                                         "pretraining, stages 1-3, evaluation, model card (about an hour on 2 cores)")
+    p.add_argument("directory", nargs="?", default="runs/make-demo", help="output (default runs/make-demo)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="a tiny budget that proves the path in about a minute")
+    p.add_argument("--install", action="store_true", help="replace assets/demo-model/ with the result")
     p.set_defaults(run=make_demo)
 
     p = sub.add_parser("train", help="the paper's three-stage training recipe on your data")
     add_train_arguments(p)
     p.set_defaults(run=train)
 
-    p = sub.add_parser("eval", help="multi-choice PPL and text perplexity of a checkpoint (one JSON object)")
+    p = sub.add_parser("eval", help="multi-choice PPL, text perplexity and answer accuracy of a checkpoint "
+                                    "(one JSON object)")
     add_model_arguments(p)
     p.add_argument("--mc", help='multi-choice JSONL: {"images", "question", "options", "answer"}')
     p.add_argument("--text", help='text JSONL ({"text": ...}) or .txt')
+    p.add_argument("--qa", help='questions JSONL: {"kind", "images", "question", "expected", "rivals"}; '
+                                'greedy answers scored per kind')
     p.set_defaults(run=evaluate)
 
     p = sub.add_parser("data", help="training data tools")
@@ -372,10 +416,6 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=data_check)
 
     args = parser.parse_args(argv)
-    if getattr(args, "directory", "") is None:
-        from .demo import DEMO_DIR
-
-        args.directory = DEMO_DIR
     from .loading import LoadError
 
     try:

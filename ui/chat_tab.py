@@ -12,6 +12,7 @@ import time
 
 import gradio as gr
 
+from app.examples import examples
 from app.pdf_pages import PdfError, format_page_selection, parse_page_selection, preview, toggle_page
 from app.records import Conversation
 from app.screen_capture import CaptureError, list_monitors
@@ -80,6 +81,7 @@ class ChatTab:
             label="Conversation", elem_id="chatbot", height="calc(100dvh - 410px)", min_height=200,
             show_label=False, feedback_options=None, buttons=["copy", "copy_all"], layout="bubble",
             placeholder="Ask about an image: attach it (upload, paste or drag and drop) and type a question.",
+            examples=examples() or None,
         )
         self.stats = gr.Markdown("", elem_id="gen-stats")
         # Clicks on the ‹ › arrows inside the transcript arrive as this (hidden) element's click events.
@@ -232,6 +234,12 @@ class ChatTab:
     def stream_outputs(self) -> list:
         return [self.conv, self.chatbot, self.ids, self.selected, self.editing, self.edit_bar, self.stats,
                 self.notice, *self.action_buttons]
+
+    @staticmethod
+    def take_example(evt: gr.SelectData) -> dict:
+        value = evt.value or {}
+        files = [f["path"] if isinstance(f, dict) else f for f in value.get("files", [])]
+        return {"text": value.get("text", ""), "files": files}
 
     def submit_checked(self, page_loaded, *args):
         """`submit`, unless the page belongs to a server that is gone: then say so and keep the message."""
@@ -426,6 +434,11 @@ class ChatTab:
                                  [self.page_loaded, self.conv, self.input, self.editing, *self.settings.inputs],
                                  self.stream_outputs, **streaming)
         then_refresh(sent)
+        # A clicked example is sent as if typed: its question and images go through the same path.
+        example = self.chatbot.example_select(self.take_example, None, [self.input], **QUIET).then(
+            g(self.submit_checked), [self.page_loaded, self.conv, self.input, self.editing, *self.settings.inputs],
+            self.stream_outputs, **streaming)
+        then_refresh(example)
         then_refresh(self.regenerate_btn.click(g(self.regenerate), [self.conv, *self.settings.inputs],
                                                self.stream_outputs, **streaming))
         for trigger in (self.stop_btn.click, self.input.stop):

@@ -4,6 +4,9 @@ Multi-choice PPL (section 4): the prompt and images are fed with each candidate 
 the lowest perplexity (mean negative log-likelihood of its tokens) is the model's choice. Lines of the file:
 `{"images": ["a.png"], "question": "...", "options": ["...", "..."], "answer": 0}` (images relative to the file).
 Text perplexity over language data (`{"text"}` JSONL or .txt) watches language retention during stage 2.
+Answer accuracy (`answers`) asks each question through the chat path the app uses, greedily, and checks the
+answer names the expected word and none of its rivals; lines `{"kind": "color", "images": [...], "question": "...",
+"expected": "red", "rivals": ["blue", ...]}`, scored per kind.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from .data import IGNORE, DataError, Encoded, Problem, Sample, encode, read_reco
 from .loop import loss_sum
 from .mixture import collate
 
+QA_LINES = 'question lines need "question" and "expected"'
 TEXT_LINES = 'text data needs {"text": ...} lines'
 
 
@@ -99,6 +103,42 @@ def text_perplexity(model, processor: VLChatProcessor, path: str | Path) -> dict
         s, n = nll(model, processor, encode(Sample(f"{path}:{line}", text=record["text"]), processor))
         total, tokens, samples = total + s, tokens + n, samples + 1
     return {"text_ppl": math.exp(total / tokens) if tokens else None, "text_tokens": tokens, "text_samples": samples}
+
+
+def names(text: str, word: str) -> bool:
+    """Whether `text` has `word` as a whole word (or its plural: "circles" names "circle")."""
+    found = "".join(c.lower() if c.isalnum() else " " for c in text).split()
+    word = word.lower()
+    return word in found or word + "s" in found
+
+
+def answers(runtime, path: str | Path, max_new_tokens: int = 48) -> dict:
+    """Per-kind accuracy of generated answers: {"qa_accuracy": {kind: share}, "qa_items": n, "qa_failures": [...]}
+    (the first few wrong answers, to read)."""
+    from ..chat import ChatSession
+    from ..generation import SamplingParams
+
+    path = Path(path)
+    root = path.parent.resolve()
+    right, seen, failures = {}, {}, []
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    for line, record, error in read_records(path):
+        if error or not isinstance(record, dict) or not {"question", "expected"} <= set(record):
+            raise DataError(f"{path}:{line}: {error or QA_LINES}")
+        images = [root / image for image in record.get("images", [])]
+        question = record["question"].replace(IMAGE_TOKEN, "")  # the session places one per image, first
+        session = ChatSession(runtime)
+        session.add_user(question, [str(p) for p in images], reserve=max_new_tokens)
+        reply = session.answer(params)
+        kind = record.get("kind", "all")
+        ok = names(reply, str(record["expected"])) and not any(names(reply, r) for r in record.get("rivals", []))
+        seen[kind] = seen.get(kind, 0) + 1
+        right[kind] = right.get(kind, 0) + int(ok)
+        if not ok and len(failures) < 20:
+            failures.append({"line": line, "kind": kind, "question": question, "expected": record["expected"],
+                             "answer": reply})
+    return {"qa_accuracy": {k: round(right[k] / seen[k], 4) for k in seen}, "qa_items": sum(seen.values()),
+            "qa_failures": failures}
 
 
 def evaluate(model, processor: VLChatProcessor, mc: str | Path | None = None, text: str | Path | None = None) -> dict:

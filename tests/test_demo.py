@@ -1,0 +1,157 @@
+"""The embedded demo model: the shapes world it is trained on, the rebuild command end to end (tiny budget), and
+the shipped model answering freshly generated questions through `engine ask` and through the app's service."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import ImageFont
+
+from engine.demo import DEMO_DIR, EXAMPLES_DIR, world
+from engine.training.evaluate import names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_scenes_follow_the_rules():
+    rng, vocabulary = random.Random(1), world.words()
+    assert len(vocabulary) >= 300 and all(w.islower() for w in vocabulary)
+    for _ in range(300):
+        s = world.random_scene(rng, vocabulary)
+        assert world.SIDE[0] <= s.width <= world.SIDE[1] and world.SIDE[0] <= s.height <= world.SIDE[1]
+        assert 1 <= s.count <= 5 and s.color in world.COLORS and s.shape in world.SHAPES
+        for i, a in enumerate(s.boxes):
+            assert 0 <= a[0] < a[2] <= s.width and 0 <= a[1] < a[3] <= s.height
+            assert not any(world._overlaps(a, b, 0) for b in s.boxes[i + 1:])
+        if s.word:
+            assert world.FONT[0] <= s.font_size <= world.FONT[1] and s.word in vocabulary
+            x0, y0, x1, y1 = ImageFont.load_default(s.font_size).getbbox(s.word)
+            box = (s.word_at[0] + x0, s.word_at[1] + y0, s.word_at[0] + x1, s.word_at[1] + y1)
+            assert box[2] <= s.width and box[3] <= s.height
+            assert not any(world._overlaps(box, b, 0) for b in s.boxes)
+    again = random.Random(1)
+    assert world.random_scene(again, vocabulary) == world.random_scene(random.Random(1), vocabulary)
+
+
+def test_drawn_image_shows_the_scene():
+    scene = world.random_scene(random.Random(3), world.words(), word=False, count=2, color="blue")
+    image = world.draw(scene)
+    assert image.size == (scene.width, scene.height)
+    for x0, y0, x1, y1 in scene.boxes:  # the centre of each shape has its colour
+        assert image.getpixel(((x0 + x1) // 2, (y0 + y1 * 3) // 4)) == world.COLORS["blue"]
+
+
+def test_every_answer_names_its_answer_and_no_rival():
+    rng, vocabulary = random.Random(2), world.words()
+    for _ in range(50):
+        scene = world.random_scene(rng, vocabulary)
+        for kind in world.SINGLE:
+            qa = world.single_qa(kind, scene, rng)
+            assert names(qa.answer, qa.expected), qa
+            assert not any(names(qa.answer, o) for o in qa.options if o != qa.expected), qa
+        for kind in world.PAIR:
+            a, b = world.pair_scenes(kind, rng, vocabulary)
+            qa = world.pair_qa(kind, a, b, rng)
+            assert names(qa.answer, qa.expected) and a.count != b.count if kind == "more" else True
+
+
+def test_generated_files_are_valid_training_and_eval_data(tmp_path):
+    from engine.processing import VLChatProcessor
+    from engine.training.data import check
+    from engine.training.evaluate import read_mc
+
+    processor = VLChatProcessor.from_pretrained(DEMO_DIR)
+    conv = world.conversations(tmp_path / "train", 30, seed=5)
+    caps = world.captions(tmp_path / "train", 10, seed=6)
+    text = world.text_corpus(tmp_path / "text.jsonl", 10, seed=7)
+    sft = world.text_conversations(tmp_path / "sft.jsonl", 10, seed=8)
+    report = check([conv, caps, sft], [text], processor)
+    assert report.ok, report.format()
+    assert report.counts() == {"multimodal": 40, "language": 20}
+    items = read_mc(world.multiple_choice(tmp_path / "eval", 6, seed=9))
+    assert len(items) == 6 and all(len(item) in (3, 5, 7) for item in items)
+    questions = [json.loads(line) for line in world.questions(tmp_path / "eval", 1, seed=10).read_text().splitlines()]
+    assert sorted(q["kind"] for q in questions) == sorted(world.SINGLE + world.PAIR)
+    assert all(names(q["answer"], q["expected"]) for q in questions)
+
+
+def test_make_demo_smoke_builds_a_model_that_loads(tmp_path):
+    """The rebuild command end to end on a tiny budget: data, tokenizer, pretraining, stages 1-3 through
+    `engine train`, evaluation, ablations, card, examples."""
+    out = tmp_path / "demo"
+    run = subprocess.run([sys.executable, "-m", "engine", "make-demo", str(out), "--smoke"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    model = out / "model"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "README.md"):
+        assert (model / name).is_file(), name
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in steps if r.get("type") == "step"} == {1, 2, 3}
+    card = (model / "README.md").read_text()
+    assert "| colour |" in card and "language 0 %" in card and "mixed batches" in card
+    result = json.loads((out / "eval.json").read_text())
+    assert set(result["final"]["qa_accuracy"]) == set(world.SINGLE + world.PAIR)
+    assert len(result["ablations"]) == 4
+    assert (out / "examples" / "examples.json").is_file()
+    asked = subprocess.run([sys.executable, "-m", "engine", "ask", "--model", str(model), "--max-new-tokens", "4",
+                            "Hello"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert asked.returncode == 0, asked.stderr
+
+
+# ------------------------------------------------------------------ the shipped model
+def fresh(kind: str, n: int, seed: int, directory: Path) -> list[tuple[list[str], str, str]]:
+    """n freshly drawn questions of `kind`: (image paths, question, expected word)."""
+    rng, vocabulary, out = random.Random(seed), world.words(), []
+    for i in range(n):
+        scene = world.random_scene(rng, vocabulary, word=kind == "word")
+        qa = world.single_qa(kind, scene, rng)
+        path = directory / f"{kind}-{i}.png"
+        world.draw(scene).save(path)
+        out.append(([str(path)], world.QUESTIONS[kind][0], qa.expected))
+    return out
+
+
+def ask(images: list[str], question: str) -> str:
+    args = [a for image in images for a in ("--image", image)]
+    run = subprocess.run([sys.executable, "-m", "engine", "ask", *args, question], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+@pytest.mark.parametrize("kind", ["color", "word"])
+def test_shipped_demo_answers_fresh_questions_through_ask(kind, tmp_path):
+    (images, question, expected), = fresh(kind, 1, seed=2026, directory=tmp_path)
+    answer = ask(images, question)
+    assert names(answer, expected), f"{question} expected {expected!r}, got {answer!r}"
+
+
+@pytest.mark.parametrize("kind", ["color", "word"])
+def test_shipped_demo_answers_through_the_app_service(kind, models, tmp_path):
+    """The app's own path (ChatService on a real SQLite file) answers a fresh question right, and stores it."""
+    from app.chat_service import ChatService
+    from app.store import Store
+
+    from test_chat_service import ask as send
+
+    (images, question, expected), = fresh(kind, 1, seed=77, directory=tmp_path)
+    with Store(tmp_path / "data") as store:
+        last = send(ChatService(store, models), None, question, images, {"temperature": 0.0, "max_new_tokens": 32})
+        answer = store.get_conversation(last.conversation_id)["messages"][-1]["text"]
+    assert names(answer, expected), f"{question} expected {expected!r}, got {answer!r}"
+
+
+def test_examples_are_answered_right(models):
+    from engine.chat import ChatSession
+    from engine.generation import SamplingParams
+
+    listed = json.loads((EXAMPLES_DIR / "examples.json").read_text())
+    assert len(listed) >= 3
+    for item in listed:
+        session = ChatSession(models.runtime)
+        session.add_user(item["question"], [str(EXAMPLES_DIR / p) for p in item["images"]], reserve=48)
+        answer = session.answer(SamplingParams(max_new_tokens=48))
+        assert names(answer, item["expected"]), (item, answer)
