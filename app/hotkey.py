@@ -108,8 +108,8 @@ def unsupported_session(env: dict | os._Environ = os.environ) -> str | None:
         return None
     if env.get("XDG_SESSION_TYPE") == "wayland" or env.get("WAYLAND_DISPLAY"):
         return ("This is a Wayland session: Wayland does not let programs listen for global shortcuts or capture "
-                "the screen, so the hotkey cannot work here. Use the Capture button in the app's Screen panel "
-                "(beside the chat) instead, or log in to an X11 session.")
+                "the screen, so the hotkey cannot work here. In the app, use \"Capture screen\" in the Screen "
+                "capture panel (beside the chat) instead, or log in to an X11 session.")
     if not env.get("DISPLAY"):
         return ("No display (DISPLAY is not set): the hotkey needs a desktop session. On a desktop, run it there; "
                 "the app itself can run headless.")
@@ -255,7 +255,8 @@ def ask_question(shot_label: str) -> str | None:
 
     entry.bind("<Return>", send)
     root.bind("<Escape>", lambda _event: root.destroy())
-    root.after(50, entry.focus_force)
+    entry.focus_set()  # the entry takes the keys whenever the window has the focus
+    root.after(50, entry.focus_force)  # and the window takes the focus from the app the user was in
     root.mainloop()
     return answer[0]
 

@@ -28,13 +28,13 @@ from starlette.testclient import TestClient
 from app import install_token
 from app.chat_service import ChatService
 from app.handover import ScreenshotHandover
-from app.hotkey import (HANDOVER_PATH, AppClient, AppNotRunning, Shortcut, Trigger, parse_monitor,
+from app.hotkey import (HANDOVER_PATH, AppClient, AppNotRunning, Shortcut, Trigger, ask_question, parse_monitor,
                         parse_shortcut, unsupported_session)
 from app.models import ModelManager
 from app.store import Store
 from engine.demo import DEMO_DIR
 
-from conftest import require, stop_process
+from conftest import require, require_module, stop_process
 from test_screen_capture import ensure_tool, set_root_colour, xvfb  # noqa: F401  (xvfb: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def test_monitor_choice():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Wayland and DISPLAY are Linux matters")
 def test_wayland_is_refused_with_a_pointer_to_the_capture_button():
     message = unsupported_session({"WAYLAND_DISPLAY": "wayland-0", "DISPLAY": ":0"})
-    assert "Wayland" in message and "Capture button" in message
+    assert "Wayland" in message and '"Capture screen" in the Screen capture panel' in message
     assert "DISPLAY is not set" in unsupported_session({})
     assert unsupported_session({"DISPLAY": ":0", "XDG_SESSION_TYPE": "x11"}) is None
 
@@ -271,6 +271,25 @@ def test_client_says_how_to_start_the_app(tmp_path):
     client = AppClient(tmp_path, f"http://127.0.0.1:{port}/")
     with pytest.raises(AppNotRunning, match=r"not running .*\n  python run_app.py --data-dir"):
         client.send(png())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Xvfb and xdotool are Linux tools")
+def test_the_question_window_returns_what_was_typed(xvfb, monkeypatch):  # noqa: F811
+    require_module("tkinter")
+    xdotool, how = ensure_tool("xdotool", "xdotool")
+    require(bool(xdotool), f"cannot type on the X screen: {how}")
+    monkeypatch.setenv("DISPLAY", xvfb)
+    for keys, expected in ([["type", "what is this"], ["key", "Return"]], "what is this"), ([["key", "Escape"]], None):
+        answers = []
+        thread = threading.Thread(target=lambda: answers.append(ask_question("Monitor 1")))
+        thread.start()
+        # --sync: wait for the window to map, then until it has the focus (no window manager gives it here).
+        subprocess.run([xdotool, "search", "--sync", "--name", "Ask about this screenshot", "windowfocus", "--sync"],
+                       check=True, timeout=20)
+        for command in keys:
+            subprocess.run([xdotool, *command], check=True, timeout=20)
+        thread.join(20)
+        assert answers == [expected]
 
 
 # -- end to end under Xvfb --------------------------------------------------------------------
