@@ -1,4 +1,5 @@
-"""Start the DeepSeek-VL local chat app: `python run_app.py [--model ID_OR_DIR] [--load-4bit] ...`.
+"""Start the DeepSeek-VL local chat app: `python run_app.py [--model ID_OR_DIR] [--load-4bit] ...`;
+`python run_app.py hotkey [...]` runs only the screenshot hotkey's listener (app.hotkey) for a running app.
 
 Argument parsing imports nothing heavy, so `--help` and bad flags answer at once (no torch, no gradio).
 """
@@ -12,6 +13,7 @@ import re
 import signal
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 APP_NAME = "deepseek-vl-local"
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -58,11 +60,42 @@ def _port(text: str) -> int:
     return port
 
 
+def _shortcut(text: str):
+    from app.hotkey import parse_shortcut
+
+    try:
+        return parse_shortcut(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _monitor(text: str) -> int | str:
+    from app.hotkey import parse_monitor
+
+    try:
+        return parse_monitor(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_hotkey_options(group) -> None:
+    group.add_argument("--shortcut", type=_shortcut, default=_shortcut("ctrl+alt+s"), metavar="KEYS",
+                       help="the global shortcut (default ctrl+alt+s; e.g. ctrl+shift+f5, cmd+shift+2)")
+    group.add_argument("--capture", type=_monitor, default="pointer", metavar="WHICH",
+                       help="what to capture: pointer (the monitor under the mouse, default), all, or a "
+                            "monitor number 1, 2, ...")
+    group.add_argument("--ask", action="store_true",
+                       help="after capturing, ask for a question in a small window; it is sent with the "
+                            "screenshot and answered at once")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run_app.py",
         description="Chat with DeepSeek-VL on your own machine (a local web app).",
-        epilog="Example: python run_app.py --model deepseek-ai/deepseek-vl-7b-chat --load-4bit",
+        epilog="Example: python run_app.py --model deepseek-ai/deepseek-vl-7b-chat --load-4bit\n"
+               "The screenshot hotkey on its own, for an app already running: python run_app.py hotkey --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = p.add_argument_group("model")
     model.add_argument("--model", metavar="PATH_OR_ID", default=None,
@@ -90,9 +123,40 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--api-key", metavar="KEY", default=None,
                      help=f"the key API clients must send (default: ${API_KEY_ENV} if set, else a new key is "
                           "generated at each start and printed once)")
+    hotkey = p.add_argument_group("screenshot hotkey")
+    hotkey.add_argument("--hotkey", action="store_true",
+                        help="also listen for a global shortcut that sends the screen to the app as a new "
+                             "conversation (X11, Windows, macOS; not Wayland)")
+    add_hotkey_options(hotkey)
     p.add_argument("--data-dir", type=Path, default=None,
                    help=f"where conversations and images are kept (default: {default_data_dir()})")
     return p
+
+
+def build_hotkey_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_app.py hotkey",
+        description="Listen for a global shortcut; on a press, capture the screen and open it in the running app "
+                    "as a new conversation. The app must run on the same data folder (it keeps the token that "
+                    "lets this listener in).")
+    add_hotkey_options(p)
+    p.add_argument("--no-browser", action="store_true", help="print the new conversation's address, open no tab")
+    p.add_argument("--url", default=None,
+                   help="the app's address (default: the one the app running on the data folder wrote there)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"the app's data folder (default: {default_data_dir()})")
+    return p
+
+
+def hotkey_main(argv: list[str]) -> int:
+    """`run_app.py hotkey`: only the listener, for an app that runs (or will run) on the same data folder."""
+    args = build_hotkey_parser().parse_args(argv)
+    from app.hotkey import AppClient, Listener
+
+    data_dir = (args.data_dir or default_data_dir()).expanduser()
+    listener = Listener(AppClient(data_dir, args.url), args.shortcut, args.capture, args.ask,
+                        open_page=None if args.no_browser else open_browser)
+    return listener.run()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,6 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hotkey"]:
+        return hotkey_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests, one line each
@@ -142,20 +209,31 @@ def main(argv: list[str] | None = None) -> int:
     # Loading runs in the background: the UI comes up at once and shows the progress.
     models = ModelManager(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization).start()
     services = Services.build(store, models, scratch=scratch, scheduler=Scheduler(args.parallel))
+    from app import hotkey, install_token
     from app.api import OpenAIApi, generate_api_key
+    from app.handover import ScreenshotHandover
     from ui.app import build_ui  # imported late: gradio is heavy and --help must not need it
 
-    # No per-install secret exists yet, so without a key given one is made for this run only.
+    # The API key is made for this run only when none is given (the install token below is for local helpers).
     api_key = args.api_key or generate_api_key()
     api = OpenAIApi(models, services.chat.scheduler, api_key)
+    try:
+        handover = ScreenshotHandover(services.chat, install_token.load_or_create(args.data_dir))
+    except install_token.TokenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     demo = build_ui(services)
     # quiet: gradio's own banner advises `share=True in launch()`, which means nothing to a user of this app.
     # The API's routes go first in the server's routing table, before gradio's own.
     _, url, share_url = demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
                                             auth=args.auth, inbrowser=False, quiet=True, prevent_thread_lock=True,
-                                            app_kwargs={"routes": api.routes()})
+                                            app_kwargs={"routes": [*api.routes(), *handover.routes()]})
     print(startup_message(url, share_url, models.model_name, args.data_dir,
                           api_key=None if args.api_key else api_key), flush=True)
+    # Where the hotkey listener finds this server (its port may differ from run to run).
+    local_url = hotkey.loopback_url(args.host, urlsplit(url).port or args.port)
+    hotkey.write_address(args.data_dir, local_url)
+    stop_listening = start_hotkey(args, local_url) if args.hotkey else None
     if not args.no_browser:
         open_browser(url)
     # A plain `kill` ends the app like Ctrl+C, so the scratch folder is removed on the way out.
@@ -164,8 +242,29 @@ def main(argv: list[str] | None = None) -> int:
         demo.block_thread()  # until Ctrl+C
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if stop_listening:
+            stop_listening.set()
+        hotkey.clear_address(args.data_dir, local_url)
         scratch.close()
     return 0
+
+
+def start_hotkey(args: argparse.Namespace, local_url: str):
+    """The listener in a thread beside the server; returns the Event that stops it (None when it cannot run:
+    the server goes on, and the reason is printed)."""
+    import threading
+
+    from app.hotkey import AppClient, Listener, unsupported_session
+
+    problem = unsupported_session()
+    if problem:
+        print(f"Hotkey not started. {problem}", flush=True)
+        return None
+    stop = threading.Event()
+    listener = Listener(AppClient(args.data_dir, local_url), args.shortcut, args.capture, args.ask,
+                        open_page=None if args.no_browser else open_browser)
+    threading.Thread(target=listener.run, args=(stop,), name="hotkey-listener", daemon=True).start()
+    return stop
 
 
 def startup_message(url: str, share_url: str | None, model: str, data_dir: Path, api_key: str | None = None) -> str:

@@ -150,20 +150,24 @@ class ChatService:
             params, system_prompt = settings.sampling(), settings.system_prompt
             text = self._check_text(text, has_images=bool(images))
             decoded = [self._read_image(i, source) for i, source in enumerate(images or ())]
-            messages, stored_prompt = [], None
+            messages, stored_prompt, waiting = [], None, None
             if conversation_id is not None:
                 self._claim(conversation_id, cancel)
                 claimed = True
                 conversation = self._conversation(conversation_id)
                 messages, stored_prompt = conversation["messages"], conversation["system_prompt"]
+                waiting = _waiting_images(messages)
+                if waiting:
+                    messages = messages[:-1]  # its images join this question (see start_from_image)
             entry = self._entry(conversation_id, runtime)
             session = entry.session
             session.system_prompt = self._system_prompt(runtime, system_prompt, stored_prompt)
             session.turns = self._turns(messages, lambda a: self._image_key(entry, a))
             if session.turns and session.turns[-1].role == USER:
                 session.turns.append(Turn(ASSISTANT, ""))  # an earlier question was left without an answer
+            kept = [session.images[self._image_key(entry, a)] for a in waiting["attachments"]] if waiting else []
             # Raises ContextOverflow before changing anything; see _reserve for the room kept.
-            session.add_user(text, [image for image, _, _ in decoded], reserve=_reserve(params))
+            session.add_user(text, kept + [image for image, _, _ in decoded], reserve=_reserve(params))
         except (ValueError, StoreError) as e:  # ChatError, ImageError, ContextOverflow are ValueErrors
             if claimed:
                 self._release(conversation_id)
@@ -177,8 +181,12 @@ class ChatService:
                 self._claim(conversation_id, cancel)
                 claimed = True
             shas = [self.store.add_attachment(data, name=name) for _, data, name in decoded]
+            if waiting:
+                shas = [a["sha256"] for a in waiting["attachments"]] + shas
             user_id = self.store.add_message(conversation_id, "user", text, shas,
                                              parent_id=messages[-1]["id"] if messages else None)
+            if waiting:  # after the new question holds its images, so deleting it keeps their files
+                self.store.delete_message(waiting["id"])
             entry.keys.update(zip(shas, session.turns[-1].images))
             self._register(conversation_id, entry)
         except (ValueError, StoreError) as e:
@@ -457,13 +465,47 @@ class ChatService:
                                   cancel=cancel.is_set if cancel else None)
         return PdfAttachment(images, [i + 1 for i in limited.pages], limited.message)
 
+    def start_from_image(self, image: ImageInput, question: str | None = None,
+                         settings: GenerationSettings | dict | None = None, name: str | None = None) -> str:
+        """A new conversation that starts with this image (a screenshot from the hotkey); returns its id.
+
+        With a question, it is asked at once and answered in the background (an open page follows the answer
+        as it is stored). Without one, the image waits for its question: stored as a question with no text and
+        no answer, which the next send() in this conversation completes (its images go with that question).
+        Raises ChatError when the image is unusable or the question cannot be asked (e.g. no model yet).
+        """
+        if question and question.strip():
+            return self._ask_in_background(image, question, settings)
+        _, data, stored_name = self._read_image(0, image)
+        conversation_id = self.store.create_conversation(model=self.models.model_name)
+        sha = self.store.add_attachment(data, name=name or stored_name)
+        self.store.add_message(conversation_id, "user", "", [sha], parent_id=None)
+        return conversation_id
+
+    def _ask_in_background(self, image: ImageInput, question: str, settings) -> str:
+        """send() in a thread of its own; returns the conversation's id once the question is stored."""
+        first: queue.Queue[StreamEvent] = queue.Queue()
+
+        def run() -> None:
+            told = False
+            for event in self.send(None, question, [image], settings):
+                if not told and (event.kind == "error" or event.conversation_id):
+                    first.put(event)
+                    told = True
+            if not told:
+                first.put(StreamEvent("error", None, text="The question was not stored."))
+
+        threading.Thread(target=run, name="ask-about-image", daemon=True).start()
+        event = first.get()
+        if event.conversation_id is None:
+            raise ChatError(event.text)
+        return event.conversation_id
+
     def capture_screen(self, monitor: int = 1) -> bytes:
         """A screenshot as PNG bytes, ready to pass to send(); raises CaptureError (e.g. headless)."""
-        from .screen_capture import capture
+        from .screen_capture import capture_png
 
-        buffer = io.BytesIO()
-        capture(monitor).save(buffer, format="PNG", compress_level=3)  # screens are big: favour speed
-        return buffer.getvalue()
+        return capture_png(monitor)
 
     # ------------------------------------------------------------------ helpers
     def _check_text(self, text: Any, has_images: bool) -> str:
@@ -587,6 +629,14 @@ class ChatService:
     def _release(self, conversation_id: str) -> None:
         with self._lock:
             self._active.pop(conversation_id, None)
+
+
+def _waiting_images(messages: Sequence[dict]) -> dict | None:
+    """The last message when it is images waiting for their question (see start_from_image), else None."""
+    last = messages[-1] if messages else None
+    if last and last["role"] == "user" and not last["text"].strip() and last["attachments"]:
+        return last
+    return None
 
 
 def _reserve(params: SamplingParams) -> int:

@@ -9,6 +9,7 @@ is no screen to capture.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from dataclasses import dataclass
@@ -44,6 +45,17 @@ def list_monitors() -> list[Monitor]:
         return [_to_monitor(i, m) for i, m in enumerate(_monitors(sct))]
 
 
+def monitor_at(x: int, y: int) -> int:
+    """The number of the monitor holding the point (x, y) in desktop coordinates; 1 when none does (the
+    pointer just left the screens, or the desktop has gaps between monitors)."""
+    with _open() as sct:
+        monitors = _monitors(sct)
+    for index, m in enumerate(monitors[1:], start=1):
+        if m["left"] <= x < m["left"] + m["width"] and m["top"] <= y < m["top"] + m["height"]:
+            return index
+    return 1
+
+
 def capture(monitor: int = 1) -> Image.Image:
     """Grab one monitor (or 0 for all of them) as an RGB image."""
     with _open() as sct:
@@ -58,6 +70,13 @@ def capture(monitor: int = 1) -> Image.Image:
             raise CaptureError(f"screen capture failed: {exc}") from exc
     # mss hands back BGRA rows; let PIL's raw decoder reorder them to RGB.
     return Image.frombytes("RGB", shot.size, shot.bgra, "raw", "BGRX")
+
+
+def capture_png(monitor: int = 1) -> bytes:
+    """`capture` as PNG bytes, ready to store or send."""
+    buffer = io.BytesIO()
+    capture(monitor).save(buffer, format="PNG", compress_level=3)  # screens are big: favour speed
+    return buffer.getvalue()
 
 
 def _open():

@@ -16,11 +16,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   echo "$want" > "$stamp"
 fi
-# System packages for the browser and screen-capture tests (Debian); skipped when present or not root.
+# System packages for the browser, screen-capture and hotkey tests (Debian); skipped when present or not root.
 need=()
 command -v chromium >/dev/null || need+=(chromium)
 command -v Xvfb >/dev/null || need+=(xvfb)
 command -v xsetroot >/dev/null || need+=(x11-xserver-utils)
+command -v xdotool >/dev/null || need+=(xdotool)  # presses the hotkey in tests/test_hotkey.py
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get install -y -q "${need[@]}" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "${need[@]}" >/dev/null; }
 fi

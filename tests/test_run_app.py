@@ -106,6 +106,7 @@ def test_main_builds_the_service_and_launches_the_ui(tmp_path, monkeypatch, caps
 
         def block_thread(self):
             seen["blocked"] = True
+            seen["address"] = (tmp_path / "app-address").read_text()  # for the hotkey listener, while running
 
     def build_ui(services):
         seen["parts"] = (services.chat, services.models, services.store)
@@ -120,7 +121,8 @@ def test_main_builds_the_service_and_launches_the_ui(tmp_path, monkeypatch, caps
     assert service.scheduler.slots == 1  # one answer at a time unless --parallel says otherwise
     assert models.wait(60) and models.is_demo  # the demo loaded in the background
     routes = seen["launch"].pop("app_kwargs")["routes"]  # the OpenAI-compatible API, on the same server
-    assert {r.path for r in routes} >= {"/v1/models", "/v1/chat/completions"}
+    assert {r.path for r in routes} >= {"/v1/models", "/v1/chat/completions", "/hotkey/screenshot"}
+    assert seen["address"] == "http://127.0.0.1:9000/\n" and not (tmp_path / "app-address").exists()
     assert seen["launch"] == {"server_name": "127.0.0.1", "server_port": 9000, "share": False, "auth": ("u", "p"),
                               "inbrowser": False, "quiet": True, "prevent_thread_lock": True}
     assert seen["blocked"]

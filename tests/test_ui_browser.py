@@ -735,6 +735,65 @@ def test_an_extreme_strip_stays_visible_in_the_transcript(page, tmp_path):
     assert box and box["height"] >= 20 and box["width"] >= 20, box
 
 
+def hand_over(server, question: str | None = None, color=(200, 40, 90)) -> dict:
+    """What the screenshot hotkey does: POST a PNG to the app's local endpoint with the install token."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 64), color).save(buffer, format="PNG")
+    token = (server["data_dir"] / "install-token").read_text().strip()
+    body = json.dumps({"image": base64.b64encode(buffer.getvalue()).decode(), "question": question}).encode()
+    request = urllib.request.Request(server["url"] + "hotkey/screenshot", data=body, method="POST",
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)
+
+
+def test_a_hotkey_screenshot_opens_by_address_and_takes_the_next_question(page, store, server):
+    handed = hand_over(server)
+    try:
+        open_app(page, server["url"].rstrip("/") + handed["path"])
+        expect_count(page, "#chatbot [data-testid=user]", 1)
+        wait_images_loaded(page, "#chatbot .user-row img")
+        assert len(user_images(page)) == 1
+        assert page.evaluate("document.activeElement === document.querySelector('#chat-input textarea')")
+        assert page.locator("#history-list input:checked").count() == 1  # selected in the history
+        send(page, "Which colour fills this screenshot?")
+        wait_answer_finished(page)
+        [question, answer] = store.get_conversation(handed["conversation"])["messages"]
+        assert question["text"] == "Which colour fills this screenshot?" and len(question["attachments"]) == 1
+        assert answer["status"] == "complete"
+        # One question showing the screenshot and the text (a question with an image shows as two parts).
+        expect_count(page, "#chatbot .user-row img", 1)
+        expect_count(page, "#chatbot [data-testid=bot]", 1)
+        assert "Which colour fills this screenshot?" in page.locator("#chatbot").inner_text()
+    finally:
+        open_app(page, server["url"])  # the other tests start from the plain address
+
+
+def test_a_question_sent_with_the_screenshot_is_followed_on_the_page(page, store, server):
+    handed = hand_over(server, question="Answer at once please", color=(20, 90, 200))
+    try:
+        open_app(page, server["url"].rstrip("/") + handed["path"])
+        expect_count(page, "#chatbot .user-row img", 1)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            messages = store.get_conversation(handed["conversation"])["messages"]
+            if messages[-1]["role"] == "assistant" and messages[-1]["status"] == "complete":
+                break
+            time.sleep(0.2)
+        answer = store.get_conversation(handed["conversation"])["messages"][-1]
+        assert answer["status"] == "complete" and answer["text"]
+        # The page shows the finished answer without a reload (followed while it was written, or loaded whole).
+        page.wait_for_function(
+            """(cursor) => {
+                const bots = document.querySelectorAll('#chatbot [data-testid=bot]');
+                return bots.length === 1 && bots[0].innerText.trim() && !bots[0].innerText.includes(cursor);
+            }""", arg=CURSOR, timeout=30_000)
+        stored = words(answer["text"])
+        assert not stored or len(stored & words(last_answer(page))) >= 0.6 * len(stored)
+    finally:
+        open_app(page, server["url"])
+
+
 def test_training_tab_runs_stops_resumes_and_chats(page, tmp_path):
     """A tiny stage-3 run from the Training tab: the plan, live progress and plot, Stop, Resume to the end,
     then "Chat with this checkpoint" loads it in the Chat tab, where it answers. (Last in the module: it

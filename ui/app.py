@@ -36,7 +36,7 @@ from .common import QUIET, use_scratch
 from .history import HistoryPanel
 from .model_tab import ModelTab
 from .training_tab import TrainingTab
-from .style import CSS, KEEP_DRAFT_JS, theme
+from .style import CSS, FOCUS_OPENED_JS, KEEP_DRAFT_JS, theme
 
 TITLE = "DeepSeek-VL local"
 
@@ -83,15 +83,20 @@ def build_ui(services: Services) -> gr.Blocks:
         model.wire(chat)
         training.wire(services, tabs, model.timer)
 
-        def on_load(conversation_id, value, max_new_tokens):
+        def on_load(conversation_id, value, max_new_tokens, request: gr.Request):
+            # /?c=<id> opens that conversation (the screenshot hotkey sends the browser there).
+            wanted = services.history.get(request.query_params.get("c") if request else None)
+            opened = chat.open_updates(wanted) if wanted else {}
+            conversation_id = wanted.id if wanted else conversation_id
             return {**history.refresh(conversation_id), **model.updates(), **chat.on_load(conversation_id),
-                    **training.on_load(),
+                    **training.on_load(), **opened,
                     chat.meter: chat.refresh_meter(conversation_id, value, max_new_tokens)}
 
-        demo.load(on_load, chat.meter_inputs, [history.list, history.rename_box, model.banner, model.details,
-                                               model.recent, chat.meter, chat.monitor, chat.screen_note,
-                                               chat.page_loaded, *chat.settings.inputs, training.run_picker,
-                                               training.status, training.plot, training.log, training.timer,
-                                               training.chats], **QUIET)
+        load_outputs = [history.list, history.rename_box, model.banner, model.details, model.recent, chat.meter,
+                        chat.monitor, chat.screen_note, chat.page_loaded, *chat.settings.inputs, training.run_picker,
+                        training.status, training.plot, training.log, training.timer, training.chats]
+        load_outputs += [c for c in chat.open_outputs if c not in load_outputs]
+        demo.load(on_load, chat.meter_inputs, load_outputs, **QUIET)
         demo.load(None, js=KEEP_DRAFT_JS)
+        demo.load(None, js=FOCUS_OPENED_JS)
     return demo

@@ -153,15 +153,20 @@ class ChatTab:
                 self.selected: None, self.editing: None, self.edit_bar: gr.update(visible=False), self.stats: "",
                 **self.settings.show(self.preferences.settings_for(conversation.id if conversation else None)),
                 **self.actions(bool(message_ids)), **hide(self.notice),
-                self.follow_timer: gr.Timer(active=self.history.written_elsewhere(conversation and conversation.id))}
+                self.follow_timer: gr.Timer(active=self.written_by_others(conversation and conversation.id))}
+
+    def written_by_others(self, conversation_id: str | None) -> bool:
+        """An answer is being written into this conversation, and not for this page: by another app instance,
+        or by this one for another caller (another tab, a question sent with the screenshot hotkey). A page
+        streaming its own answer turns its follow timer off (see _begin)."""
+        if not conversation_id:
+            return False
+        return self.chat.is_generating(conversation_id) or self.history.written_elsewhere(conversation_id)
 
     def follow(self, conversation_id):
-        """A tick while another app instance writes this conversation's answer: show it as it is now, until
-        it is finished (this process's own answers stream to the page that asked)."""
-        if self.chat.is_generating(conversation_id):
-            return {}
+        """A tick while someone else writes this conversation's answer: show it as stored now, until it is done."""
         return {**self.transcript_updates(conversation_id),
-                self.follow_timer: gr.Timer(active=self.history.written_elsewhere(conversation_id))}
+                self.follow_timer: gr.Timer(active=self.written_by_others(conversation_id))}
 
     def transcript_updates(self, conversation_id: str | None) -> dict:
         """The transcript as saved, with the actions that fit it."""
@@ -223,7 +228,7 @@ class ChatTab:
             message_ids.append(answer_id)
         update = {self.conv: conversation_id, self.chatbot: messages, self.ids: message_ids, self.selected: None,
                   self.editing: None, self.edit_bar: gr.update(visible=False), self.stats: "",
-                  **self.actions(True, streaming=True)}
+                  **self.actions(True, streaming=True), self.follow_timer: gr.Timer(active=False)}
         update.update(show(self.notice, f"{place}: the answer starts when the model is free; Stop leaves the line.",
                            "info") if place else hide(self.notice))
         if clear_input:
@@ -233,7 +238,7 @@ class ChatTab:
     @property
     def stream_outputs(self) -> list:
         return [self.conv, self.chatbot, self.ids, self.selected, self.editing, self.edit_bar, self.stats,
-                self.notice, *self.action_buttons]
+                self.notice, *self.action_buttons, self.follow_timer]
 
     @staticmethod
     def take_example(evt: gr.SelectData) -> dict:

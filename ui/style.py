@@ -125,6 +125,20 @@ KEEP_DRAFT_JS = """
 }
 """
 
+# A page opened on a conversation by address (/?c=<id>, where the screenshot hotkey sends the browser) puts the
+# cursor in the message box, ready for the question about the screenshot.
+FOCUS_OPENED_JS = """
+() => {
+  if (!new URLSearchParams(window.location.search).has('c')) return;
+  const focus = () => {
+    const box = document.querySelector('#chat-input textarea');
+    if (!box) return setTimeout(focus, 100);
+    box.focus();
+  };
+  focus();
+}
+"""
+
 # The ‹ › arrows live inside chatbot messages, which have no per-message events of their own: one listener
 # (capturing, so the chatbot does not also treat the click as selecting the message) turns a click on an
 # arrow into a `click` event of the hidden #variant-events element, carrying the id of the version to show.
