@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--model", metavar="PATH_OR_ID", default=None,
                        help="checkpoint directory or Hugging Face id (default: the embedded demo model, which "
-                            "runs offline and knows shapes, colours, counts and words in simple images)")
+                            "runs offline; trained on simple pictures of shapes, colours, counts and words)")
     quant = model.add_mutually_exclusive_group()
     quant.add_argument("--load-4bit", action="store_true",
                        help="quantize the language model to 4-bit (NF4; on a CPU also faster than bf16)")

@@ -34,14 +34,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from engine.kernels.bf16 import native_bf16, upcast_matmuls  # noqa: E402
-from engine.demo import DEMO_CONFIG, DEMO_DIR  # noqa: E402
+from engine.demo import DEMO_DIR  # noqa: E402
+from engine.tiny import TINY_CONFIG  # noqa: E402
 from engine.layouts import to_community  # noqa: E402
 from engine.loading import build_model, fill_random  # noqa: E402
 from engine.model.config import VLConfig, deepseek_vl_1_3b, deepseek_vl_7b  # noqa: E402
 from engine.quantize import quantize_language_model  # noqa: E402
 from engine.runtime import DTYPES, model_bytes  # noqa: E402
 
-PRESETS = {"1.3b": deepseek_vl_1_3b, "7b": deepseek_vl_7b, "demo": lambda: VLConfig.from_official(DEMO_CONFIG)}
+PRESETS = {"1.3b": deepseek_vl_1_3b, "7b": deepseek_vl_7b, "tiny": lambda: VLConfig.from_official(TINY_CONFIG)}
 
 
 def median_time(fn, repeat: int) -> float:

@@ -69,7 +69,7 @@ def test_model_manager_loads_in_background_and_labels_the_demo(demo_models):
     assert "--model deepseek-ai/deepseek-vl-7b-chat --load-4bit" in banner["hint"]
     assert banner["device"] == "cpu" and banner["dtype"] == "float32" and banner["quantization"] == "none"
     assert banner["memory"].endswith("MiB") and banner["image_size"] == 256
-    assert "small demo model that knows shapes, colours, counts and written words" in banner["text"]
+    assert "small demo model, trained by this project's recipe on simple pictures of shapes, colours" in banner["text"]
     assert "Training tab" in banner["hint"]
 
 

@@ -129,11 +129,11 @@ def test_progress_reports_every_tensor(small_copy):
 
 
 def test_fill_random_materializes_a_meta_model():
-    from engine.demo import DEMO_CONFIG
+    from engine.tiny import TINY_CONFIG
     from engine.loading import fill_random
     from engine.model.config import VLConfig
 
-    model = fill_random(build_model(VLConfig.from_official(DEMO_CONFIG)), torch.bfloat16)
+    model = fill_random(build_model(VLConfig.from_official(TINY_CONFIG)), torch.bfloat16)
     assert not any(p.is_meta for p in model.parameters())
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert torch.isfinite(_logits(model)).all()

@@ -136,9 +136,9 @@ def test_switching_models_without_a_restart(tmp_path):
     """A fresh manager (the module's shared one must stay on the demo): switch, chat with the new model,
     switch back; a bad source is refused before anything is unloaded; a switch waits for the running answer."""
     from app.errors import ChatError
-    from engine.demo import build_demo
+    from engine.tiny import build_tiny
 
-    other = build_demo(tmp_path / "other-model", seed=1)
+    other = build_tiny(tmp_path / "other-model", seed=1)
     manager = ModelManager(TALKATIVE).start()
     assert manager.wait(120), manager.error
     with Store(tmp_path / "data") as store:

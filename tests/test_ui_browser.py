@@ -808,8 +808,9 @@ def test_training_tab_runs_stops_resumes_and_chats(page, tmp_path):
     page.fill("#train-data textarea", str(data))
     for stage in ("1 · adaptor warm-up", "2 · joint VL pretraining"):
         page.locator("#train-stages label", has_text=stage).click()
-    page.fill("#train-steps input", "40")
-    page.fill("#train-save-every input", "1")
+    # Enough steps that Stop comes while it runs (a step of this tiny model takes ~30 ms on an idle machine).
+    page.fill("#train-steps input", "600")
+    page.fill("#train-save-every input", "50")
     page.click("#train-check-btn")
     page.wait_for_selector("#train-plan:has-text('supervised fine-tuning')")
     page.wait_for_selector("#train-plan:has-text('8 multimodal and 2 text-only')")

@@ -65,9 +65,10 @@ class Budget:
     mc: int = 60
     vision_steps: int = 1500
     vision_batch: int = 32
-    lm_steps: int = 400
+    described: int = 12000  # conversations with the images in words, for the LLM's pretraining
+    lm_steps: int = 800
     lm_batch: int = 16
-    lm_length: int = 96
+    lm_length: int = 128
     steps: tuple[int, int, int] = (400, 500, 1200)  # stages 1, 2, 3
     lrs: tuple[float, float, float] = (2e-3, 5e-4, 5e-4)
     batch: int = 16
@@ -77,7 +78,7 @@ class Budget:
 
 FULL = Budget()
 SMOKE = Budget(captions=24, conversations=48, text=40, text_sft=16, eval_per_kind=2, mc=6, vision_steps=3,
-               vision_batch=4, lm_steps=3, lm_batch=4, lm_length=32, steps=(2, 3, 3), batch=4, micro_batch=4,
+               vision_batch=4, described=20, lm_steps=3, lm_batch=4, lm_length=32, steps=(2, 3, 3), batch=4, micro_batch=4,
                ablation_steps=2)
 TRAIN_ENV = {"OMP_NUM_THREADS": str(os.cpu_count() or 2)}
 
@@ -136,8 +137,12 @@ def base_model(directory: Path, files: dict[str, Path], budget: Budget, seed: in
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; tokenizer {len(processor.tokenizer)} tokens")
     log("pretraining the vision tower (attribute prediction)")
     records = pretrain.pretrain_vision(model, processor, budget.vision_steps, budget.vision_batch, seed, log)
-    log("pretraining the language model (next token on the text corpus)")
+    log("pretraining the language model (next token on the text corpus, text-only chats, and chats with the "
+        "images in words)")
     texts = [json.loads(line)["text"] for line in files["text"].read_text().splitlines()]
+    chats = [json.loads(line)["conversations"] for line in files["text_sft"].read_text().splitlines()]
+    chats += world.described(budget.described, seed + 8)
+    texts += [processor.build_prompt(messages) for messages in chats]
     records += pretrain.pretrain_language(model, processor, texts, budget.lm_steps, budget.lm_batch,
                                           budget.lm_length, seed, log)
     save_pretrained(model, directory)
@@ -264,7 +269,7 @@ def make_demo(out: Path, budget: Budget = FULL, seed: int = 0, work: Path | None
     return model_dir
 
 
-EXAMPLE_KINDS = ("color", "count", "word", "shape", "more")
+EXAMPLE_KINDS = ("describe", "same_color", "more", "color", "count")  # what the demo does best first
 
 
 def write_examples(model: Path, directory: Path, seed: int, log: Log) -> list[dict]:

@@ -294,31 +294,56 @@ def _turn(role: str, content: str, images: list[str] = ()) -> dict:
     return turn
 
 
+def dialogues(rng: random.Random, vocabulary: list[str], n: int, kinds=SINGLE + PAIR, max_turns: int = 3):
+    """`n` dialogues as (scenes, [(question, answer), ...]); the scenes go with the first question. One scene and
+    1..max_turns questions about it, or two scenes and one comparison; kinds drawn uniformly from `kinds`."""
+    for _ in range(n):
+        kind = rng.choice(kinds)
+        if kind in PAIR:
+            a, b = pair_scenes(kind, rng, vocabulary)
+            qa = pair_qa(kind, a, b, rng)
+            yield (a, b), [(qa.question, qa.answer)]
+            continue
+        scene = random_scene(rng, vocabulary, word=True if kind == "word" and rng.random() < 0.9 else None)
+        asked = [kind] + rng.sample([k for k in SINGLE if k != kind], rng.randint(0, max_turns - 1))
+        yield (scene,), [(qa.question, qa.answer) for qa in (single_qa(k, scene, rng) for k in asked)]
+
+
 def conversations(directory: Path, n: int, seed: int, kinds=SINGLE + PAIR, max_turns: int = 3,
                   name: str = "conversations.jsonl") -> Path:
-    """`n` DeepSeek-format conversations: one image and 1..max_turns questions about it, or two images and one
-    comparison. Kinds are drawn uniformly from `kinds`."""
+    """`n` DeepSeek-format conversations of `dialogues`, their images written beside the file."""
     rng, vocabulary, out = random.Random(seed), words(), Writer(directory)
 
     def records():
-        for _ in range(n):
-            kind = rng.choice(kinds)
-            if kind in PAIR:
-                a, b = pair_scenes(kind, rng, vocabulary)
-                qa = pair_qa(kind, a, b, rng)
-                yield {"conversations": [_turn("User", f"{IMAGE}{IMAGE}{qa.question}", [out.image(a), out.image(b)]),
-                                         _turn("Assistant", qa.answer)]}
-                continue
-            scene = random_scene(rng, vocabulary, word=True if kind == "word" and rng.random() < 0.9 else None)
-            asked = [kind] + rng.sample([k for k in SINGLE if k != kind], rng.randint(0, max_turns - 1))
+        for scenes, qas in dialogues(rng, vocabulary, n, kinds, max_turns):
             turns = []
-            for i, k in enumerate(asked):
-                qa = single_qa(k, scene, rng)
-                turns += [_turn("User", (IMAGE if i == 0 else "") + qa.question, [out.image(scene)] if i == 0 else []),
-                          _turn("Assistant", qa.answer)]
+            for i, (question, answer) in enumerate(qas):
+                images = [out.image(s) for s in scenes] if i == 0 else []
+                turns += [_turn("User", IMAGE * len(images) + question, images), _turn("Assistant", answer)]
             yield {"conversations": turns}
 
     return _jsonl(directory / name, records())
+
+
+def scene_notes(scene: Scene) -> str:
+    """A scene named in words: "red circle 3 apple" (and "grey" on a grey background)."""
+    grey = " grey" if scene.background != (255, 255, 255) else ""
+    return f"{scene.color} {scene.shape} {scene.count}{grey}" + (f" {scene.word}" if scene.word else "")
+
+
+def described(n: int, seed: int) -> list[list[dict]]:
+    """Dialogues with each image replaced by its notes in brackets, as chat messages: text for the LLM's
+    pretraining, so that it has read conversations that name a thing and then talk about it (as a real LLM has
+    read countless), and so can use image tokens that name it."""
+    rng, vocabulary = random.Random(seed), words()
+    out = []
+    for scenes, qas in dialogues(rng, vocabulary, n):
+        messages = []
+        for i, (question, answer) in enumerate(qas):
+            shown = "".join(f"[{scene_notes(s)}] " for s in scenes) if i == 0 else ""
+            messages += [{"role": "User", "content": shown + question}, {"role": "Assistant", "content": answer}]
+        out.append(messages)
+    return out
 
 
 def captions(directory: Path, n: int, seed: int, name: str = "captions.jsonl") -> Path:
