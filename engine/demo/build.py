@@ -280,7 +280,7 @@ def write_examples(model: Path, directory: Path, seed: int, log: Log) -> list[di
     from ..chat import ChatSession
     from ..generation import SamplingParams
     from ..runtime import Runtime
-    from ..training.evaluate import names
+    from ..training.evaluate import is_right
 
     runtime = Runtime.load(model)
     rng, vocabulary = random.Random(seed + 99), world.words()
@@ -302,7 +302,7 @@ def write_examples(model: Path, directory: Path, seed: int, log: Log) -> list[di
             session = ChatSession(runtime)
             session.add_user(question, [str(directory / n) for n in names_], reserve=64)
             reply = session.answer(SamplingParams(max_new_tokens=48))
-            right = names(reply, qa.expected) and not any(names(reply, o) for o in qa.options if o != qa.expected)
+            right = is_right(reply, qa.expected, [o for o in qa.options if o != qa.expected])
             log(f"example {kind} try {attempt + 1}: {question!r} -> {reply.strip()!r} ({'right' if right else 'wrong'})")
             if right:
                 kept.append({"kind": kind, "question": question, "images": names_, "expected": qa.expected})

@@ -112,6 +112,11 @@ def names(text: str, word: str) -> bool:
     return word in found or word + "s" in found
 
 
+def is_right(reply: str, expected: str, rivals=()) -> bool:
+    """An answer is right when it names the expected word and none of its rivals."""
+    return names(reply, str(expected)) and not any(names(reply, r) for r in rivals)
+
+
 def answers(runtime, path: str | Path, max_new_tokens: int = 48) -> dict:
     """Per-kind accuracy of generated answers: {"qa_accuracy": {kind: share}, "qa_items": n, "qa_failures": [...]}
     (the first few wrong answers, to read)."""
@@ -131,7 +136,7 @@ def answers(runtime, path: str | Path, max_new_tokens: int = 48) -> dict:
         session.add_user(question, [str(p) for p in images], reserve=max_new_tokens)
         reply = session.answer(params)
         kind = record.get("kind", "all")
-        ok = names(reply, str(record["expected"])) and not any(names(reply, r) for r in record.get("rivals", []))
+        ok = is_right(reply, record["expected"], record.get("rivals", []))
         seen[kind] = seen.get(kind, 0) + 1
         right[kind] = right.get(kind, 0) + int(ok)
         if not ok and len(failures) < 20:
