@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 APP_NAME = "deepseek-vl-local"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # Same spellings as engine.runtime.DTYPES (a test keeps them in step), without importing torch here.
 DTYPE_CHOICES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
@@ -43,11 +44,12 @@ def _parallel(text: str) -> int:
 
 
 def _auth(text: str) -> tuple[str, str]:
-    # Split at the first colon only: a password may contain colons, a user name may not.
-    user, sep, password = text.partition(":")
-    if not sep or not user.strip() or not password:
-        raise argparse.ArgumentTypeError("expected USER:PASS with a non-empty user name and password")
-    return user.strip(), password
+    from app.accounts import AccountsError, parse_pair
+
+    try:
+        return parse_pair(text)
+    except AccountsError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _port(text: str) -> int:
@@ -116,13 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
     server.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
-    server.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
-    server.add_argument("--auth", type=_auth, metavar="USER:PASS", default=None, help="require this login")
+    server.add_argument("--share", action="store_true",
+                        help="also publish a temporary public gradio.live link (a login is always required: "
+                             "without --auth, a password is generated and printed once)")
+    server.add_argument("--auth", type=_auth, metavar="USER:PASS", action="append", default=[],
+                        help="an account (repeat for more); the first one is the owner, who alone sees the "
+                             "Training tab and can change the model; each user sees only their own history. "
+                             "Prefer --auth-file: a password on the command line shows in the process list")
+    server.add_argument("--auth-file", type=Path, metavar="FILE", default=None,
+                        help="accounts as user:password lines (# comments); read once, kept as scrypt hashes")
     server.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     api = p.add_argument_group("OpenAI-compatible API (at /v1 on the same server)")
     api.add_argument("--api-key", metavar="KEY", default=None,
-                     help=f"the key API clients must send (default: ${API_KEY_ENV} if set, else a new key is "
-                          "generated at each start and printed once)")
+                     help=f"the key API clients must send (default: ${API_KEY_ENV} if set; else, on this machine "
+                          "only, the install token from the data folder; else a new key is generated at each "
+                          "start and printed once)")
     hotkey = p.add_argument_group("screenshot hotkey")
     hotkey.add_argument("--hotkey", action="store_true",
                         help="also listen for a global shortcut that sends the screen to the app as a new "
@@ -167,7 +177,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype = None if args.dtype == "auto" else args.dtype
     args.data_dir = (args.data_dir or default_data_dir()).expanduser()
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    args.exposed = args.share or args.host not in LOOPBACK_HOSTS
     return args
+
+
+def make_accounts(args: argparse.Namespace):
+    """(Accounts or None, generated password or None). Reachable from elsewhere, a login is always required:
+    with no account given, one is made with a new password, shown this once."""
+    from app.accounts import GENERATED_USER, Accounts, generate_password, read_auth_file
+
+    pairs = list(args.auth) + (read_auth_file(args.auth_file) if args.auth_file else [])
+    args.auth = []  # the passwords are hashed below and not kept
+    generated = None
+    if not pairs and args.exposed:
+        generated = generate_password()
+        pairs = [(GENERATED_USER, generated)]
+    return (Accounts(pairs) if pairs else None), generated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,8 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests, one line each
-    if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and args.auth is None:
-        log.warning("the app is reachable from other machines without a login; consider --auth USER:PASS")
+    from app.accounts import AccountsError
+
+    try:
+        accounts, generated_password = make_accounts(args)
+    except AccountsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     from app.models import ModelManager
     from app.scheduler import Scheduler
@@ -209,33 +239,50 @@ def main(argv: list[str] | None = None) -> int:
     # Loading runs in the background: the UI comes up at once and shows the progress.
     models = ModelManager(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization).start()
     services = Services.build(store, models, scratch=scratch, scheduler=Scheduler(args.parallel))
+    from starlette.middleware import Middleware
+
     from app import hotkey, install_token
-    from app.api import OpenAIApi, generate_api_key
+    from app.api import API_PREFIX, OpenAIApi, generate_api_key
+    from app.gate import Files, Gate, SignIn
     from app.handover import ScreenshotHandover
     from ui.app import build_ui  # imported late: gradio is heavy and --help must not need it
 
-    # The API key is made for this run only when none is given (the install token below is for local helpers).
-    api_key = args.api_key or generate_api_key()
-    api = OpenAIApi(models, services.chat.scheduler, api_key)
     try:
-        handover = ScreenshotHandover(services.chat, install_token.load_or_create(args.data_dir))
+        token = install_token.load_or_create(args.data_dir)
     except install_token.TokenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    demo = build_ui(services)
+    # On this machine only, the install token is the API key too (local clients read it from the data folder);
+    # reachable from elsewhere, a key is made for this run and shown once, unless one is given.
+    api_key = args.api_key or (generate_api_key() if args.exposed else token)
+    api = OpenAIApi(models, services.chat.scheduler, api_key)
+    handover = ScreenshotHandover(services.chat, token)
+    sign_in = SignIn(token, accounts)
+    gate = Middleware(Gate, sign_in=sign_in, files=Files(store, scratch), open_prefixes=(API_PREFIX, hotkey.HANDOVER_PATH))
+    demo = build_ui(services, sign_in)
     # quiet: gradio's own banner advises `share=True in launch()`, which means nothing to a user of this app.
-    # The API's routes go first in the server's routing table, before gradio's own.
+    # The API's routes go first in the server's routing table, before gradio's own; the gate wraps them all.
     _, url, share_url = demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
-                                            auth=args.auth, inbrowser=False, quiet=True, prevent_thread_lock=True,
-                                            app_kwargs={"routes": [*api.routes(), *handover.routes()]})
-    print(startup_message(url, share_url, models.model_name, args.data_dir,
-                          api_key=None if args.api_key else api_key), flush=True)
+                                            auth_dependency=sign_in.user_of, inbrowser=False, quiet=True,
+                                            prevent_thread_lock=True,
+                                            app_kwargs={"routes": [*api.routes(), *handover.routes()],
+                                                        "middleware": [gate]})
+    owner_url = install_token.with_token(url, token)
+    if args.api_key:
+        key_line = "the one given (--api-key or $" + API_KEY_ENV + ")"
+    elif args.exposed:
+        key_line = f"{api_key} (new at each start; choose one with --api-key)"
+    else:
+        key_line = f"the install token, in {install_token.token_path(args.data_dir)} (or choose one with --api-key)"
+    print(startup_message(owner_url, share_url, models.model_name, args.data_dir, key_line,
+                          login=(accounts.owner_name, generated_password) if generated_password else None),
+          flush=True)
     # Where the hotkey listener finds this server (its port may differ from run to run).
     local_url = hotkey.loopback_url(args.host, urlsplit(url).port or args.port)
     hotkey.write_address(args.data_dir, local_url)
     stop_listening = start_hotkey(args, local_url) if args.hotkey else None
     if not args.no_browser:
-        open_browser(url)
+        open_browser(owner_url)
     # A plain `kill` ends the app like Ctrl+C, so the scratch folder is removed on the way out.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -267,16 +314,22 @@ def start_hotkey(args: argparse.Namespace, local_url: str):
     return stop
 
 
-def startup_message(url: str, share_url: str | None, model: str, data_dir: Path, api_key: str | None = None) -> str:
-    """`api_key`: a key generated for this run, shown this once (a key the user gave is not echoed)."""
-    lines = [f"DeepSeek-VL local is running at {url}"]
+def startup_message(url: str, share_url: str | None, model: str, data_dir: Path, api_key: str,
+                    login: tuple[str, str] | None = None) -> str:
+    """`url`: the owner's address (it carries the install token); `api_key`: what the API key is (a generated
+    one shown this once); `login`: a generated (user, password), shown this once."""
+    base = url.split("?", 1)[0].rstrip("/")
+    lines = [f"DeepSeek-VL local is running at {url}",
+             "  (this address signs you in: keep it to yourself; the tab opened at start has it)"]
     if share_url:
         lines.append(f"  public link:  {share_url}")
+    if login:
+        lines.append(f"  login:        user {login[0]!r}, password {login[1]!r} (new at each start; choose "
+                     "accounts with --auth or --auth-file)")
     lines += [f"  model:        {model}; it loads in the background, the page shows the progress",
               f"  data folder:  {data_dir} (conversations and images)",
-              f"  OpenAI API:   {url.rstrip('/')}/v1"]
-    if api_key:
-        lines.append(f"  API key:      {api_key} (new at each start; choose one with --api-key)")
+              f"  OpenAI API:   {base}/v1",
+              f"  API key:      {api_key}"]
     lines.append("Press Ctrl+C to stop.")
     return "\n".join(lines)
 

@@ -55,6 +55,7 @@ from .settings import GenerationSettings
 
 log = logging.getLogger(__name__)
 
+API_PREFIX = "/v1/"  # every route below starts with it (the sign-in gate leaves these to the key check)
 MAX_BODY_BYTES = 32 * 2**20  # a few large images in base64
 MAX_STOP_STRINGS = 4  # as OpenAI
 DEMO_MODEL_ID = "deepseek-vl-demo"

@@ -39,6 +39,7 @@ from engine.generation import SamplingParams
 from engine.processing import ImageError, load_image
 from engine.runtime import Runtime
 
+from . import viewer
 from .errors import ChatError
 from .models import ModelManager
 from .scheduler import Scheduler, Ticket
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 100_000
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
+NO_SUCH_CONVERSATION = "This conversation does not exist (it may have been deleted)."
+# Requests one user may have queued or running at once (in different conversations), so that one user of a
+# shared link cannot fill the line in front of everyone else.
+MAX_REQUESTS_PER_USER = 4
 
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image]
 
@@ -110,13 +115,15 @@ class _Job:
     """A conversation's request in flight: its Stop flag, and its scheduler ticket once it has joined the line."""
 
     cancel: threading.Event
+    user: str  # who asked (app.viewer): the per-user limit counts these
     ticket: Ticket | None = None
 
 
 class ChatService:
     def __init__(self, store: Store, models: ModelManager, scheduler: Scheduler | None = None, *,
                  max_sessions: int = 4, overflow: str = "error", max_text_chars: int = MAX_TEXT_CHARS,
-                 flush_tokens: int = 8, flush_seconds: float = 0.5):
+                 flush_tokens: int = 8, flush_seconds: float = 0.5,
+                 max_requests_per_user: int = MAX_REQUESTS_PER_USER):
         self.store = store
         self.models = models
         self.scheduler = scheduler or Scheduler()  # pass a shared one when other callers use the same model
@@ -125,13 +132,15 @@ class ChatService:
         self.max_text_chars = max_text_chars
         self.flush_tokens = flush_tokens
         self.flush_seconds = flush_seconds
-        self._lock = threading.Lock()
+        self.max_requests_per_user = max_requests_per_user
+        self._lock = threading.RLock()
         self._sessions: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._active: dict[str, _Job] = {}  # conversation id -> its queued or running request
         models.on_unload.append(self._forget_all)
 
     def switch_model(self, source: str, quantization: str | None = None) -> None:
         """Load another checkpoint once the answers running or waiting now are done (see ModelManager.switch)."""
+        viewer.require_owner("change the model")
         self.models.switch(source, quantization, scheduler=self.scheduler)
 
     # ------------------------------------------------------------------ streaming operations
@@ -151,7 +160,9 @@ class ChatService:
             text = self._check_text(text, has_images=bool(images))
             decoded = [self._read_image(i, source) for i, source in enumerate(images or ())]
             messages, stored_prompt, waiting = [], None, None
-            if conversation_id is not None:
+            if conversation_id is None:
+                self._check_room(viewer.current())  # before a new conversation is made for nothing
+            else:
                 self._claim(conversation_id, cancel)
                 claimed = True
                 conversation = self._conversation(conversation_id)
@@ -177,7 +188,7 @@ class ChatService:
         try:
             if conversation_id is None:
                 conversation_id = self.store.create_conversation(model=self.models.model_name,
-                                                                 system_prompt=system_prompt)
+                                                                 system_prompt=system_prompt, owner=viewer.current())
                 self._claim(conversation_id, cancel)
                 claimed = True
             shas = [self.store.add_attachment(data, name=name) for _, data, name in decoded]
@@ -372,7 +383,7 @@ class ChatService:
         stopped. Returns False when nothing was queued or running."""
         with self._lock:
             job = self._active.get(conversation_id)
-            if job is None:
+            if job is None or job.user != viewer.current():
                 return False
             if job.ticket is not None:
                 job.ticket.cancel()
@@ -383,13 +394,14 @@ class ChatService:
     def is_generating(self, conversation_id: str) -> bool:
         """True while this conversation has a request queued or running (anything Stop would act on)."""
         with self._lock:
-            return conversation_id in self._active
+            job = self._active.get(conversation_id)
+            return job is not None and job.user == viewer.current()
 
     def queue_position(self, conversation_id: str) -> int | None:
         """The conversation's place in line (1 = next to get the model); None when it is not waiting."""
         with self._lock:
             job = self._active.get(conversation_id)
-            ticket = job.ticket if job else None
+            ticket = job.ticket if job and job.user == viewer.current() else None
         return ticket.position if ticket else None
 
     # ------------------------------------------------------------------ other operations
@@ -477,7 +489,7 @@ class ChatService:
         if question and question.strip():
             return self._ask_in_background(image, question, settings)
         _, data, stored_name = self._read_image(0, image)
-        conversation_id = self.store.create_conversation(model=self.models.model_name)
+        conversation_id = self.store.create_conversation(model=self.models.model_name, owner=viewer.current())
         sha = self.store.add_attachment(data, name=name or stored_name)
         self.store.add_message(conversation_id, "user", "", [sha], parent_id=None)
         return conversation_id
@@ -485,8 +497,13 @@ class ChatService:
     def _ask_in_background(self, image: ImageInput, question: str, settings) -> str:
         """send() in a thread of its own; returns the conversation's id once the question is stored."""
         first: queue.Queue[StreamEvent] = queue.Queue()
+        user = viewer.current()
 
         def run() -> None:
+            with viewer.acting_as(user):  # a new thread starts without the asking user's context
+                ask()
+
+        def ask() -> None:
             told = False
             for event in self.send(None, question, [image], settings):
                 if not told and (event.kind == "error" or event.conversation_id):
@@ -557,10 +574,16 @@ class ChatService:
             raise ChatError(f"{label}: {e}") from None
 
     def _conversation(self, conversation_id: str) -> dict:
+        self._check_mine(conversation_id)
         try:
             return self.store.get_conversation(conversation_id)
         except StoreError:
-            raise ChatError("This conversation does not exist (it may have been deleted).") from None
+            raise ChatError(NO_SUCH_CONVERSATION) from None
+
+    def _check_mine(self, conversation_id: str) -> None:
+        """Another user's conversation is answered as one that does not exist: its id tells nothing."""
+        if self.store.conversation_owner(conversation_id) != viewer.current():
+            raise ChatError(NO_SUCH_CONVERSATION)
 
     @staticmethod
     def _system_prompt(runtime: Runtime, from_settings: str | None, stored: str | None) -> str:
@@ -619,12 +642,22 @@ class ChatService:
             self._sessions.pop(conversation_id, None)
 
     def _claim(self, conversation_id: str, cancel: threading.Event) -> None:
-        """One request per conversation at a time (the scheduler orders requests, not turns of one chat)."""
+        """One request per conversation at a time (the scheduler orders requests, not turns of one chat), and
+        at most max_requests_per_user per user; only in the asking user's own conversations."""
+        self._check_mine(conversation_id)
+        user = viewer.current()
         with self._lock:
             if conversation_id in self._active:
                 raise ChatError("An answer is still being generated (or waiting its turn) in this conversation; "
                                 "stop it first.")
-            self._active[conversation_id] = _Job(cancel)
+            self._check_room(user)
+            self._active[conversation_id] = _Job(cancel, user)
+
+    def _check_room(self, user: str) -> None:
+        with self._lock:  # reentrant use from _claim is fine: an RLock
+            if sum(job.user == user for job in self._active.values()) >= self.max_requests_per_user:
+                raise ChatError(f"You already have {self.max_requests_per_user} questions being answered or "
+                                "waiting in line; wait for one to finish (or stop one) before asking more.")
 
     def _release(self, conversation_id: str) -> None:
         with self._lock:

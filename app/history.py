@@ -1,6 +1,8 @@
 """The conversation history as a service: list, open, search, rename, export and import, returning records
 (app.records) instead of store rows. The UI's history sidebar reads and writes only through this; deleting
-goes through ChatService, which must first make sure no answer is being written into the conversation."""
+goes through ChatService, which must first make sure no answer is being written into the conversation.
+
+Each user sees only their own conversations (app.viewer): another user's is answered as if it did not exist."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from . import viewer
 from .records import Conversation, ConversationSummary, SearchHit
 from .store import Store, StoreError
 
@@ -36,24 +39,36 @@ class HistoryService:
 
     def list(self, limit: int = 200) -> list[ConversationSummary]:
         """Most recently updated first."""
-        return [ConversationSummary.from_row(row) for row in self.store.list_conversations(limit=limit)]
+        rows = self.store.list_conversations(limit=limit, owner=viewer.current())
+        return [ConversationSummary.from_row(row) for row in rows]
 
     def get(self, conversation_id: str | None) -> Conversation | None:
         """The conversation, or None when there is none by that id (deleted meanwhile, in another tab)."""
-        if not conversation_id:
+        if not self.is_mine(conversation_id):
             return None
         try:
             return Conversation.from_row(self.store.get_conversation(conversation_id))
         except StoreError:
             return None
 
+    def is_mine(self, conversation_id: str | None) -> bool:
+        """Whether this conversation exists and belongs to the user asking."""
+        return bool(conversation_id) and self.store.conversation_owner(conversation_id) == viewer.current()
+
+    def check_mine(self, conversation_id: str | None) -> str:
+        """The id, when it is the asking user's conversation; else the store's error for an unknown id."""
+        if not self.is_mine(conversation_id):
+            raise StoreError(f"unknown conversation id: {conversation_id!r}")
+        return conversation_id
+
     def search(self, query: str, limit: int = 20, highlight: tuple[str, str] = ("[", "]")) -> list[SearchHit]:
         if not (query or "").strip():
             return []
-        return [SearchHit.from_row(row) for row in self.store.search(query, limit=limit, highlight=highlight)]
+        rows = self.store.search(query, limit=limit, highlight=highlight, owner=viewer.current())
+        return [SearchHit.from_row(row) for row in rows]
 
     def rename(self, conversation_id: str, title: str | None) -> None:
-        self.store.rename_conversation(conversation_id, title)
+        self.store.rename_conversation(self.check_mine(conversation_id), title)
 
     def export_json(self, conversation_id: str) -> ExportFile:
         conversation = self._existing(conversation_id)
@@ -70,12 +85,12 @@ class HistoryService:
         """A JSON export -> a new conversation's id; StoreError says what is wrong with the file."""
         if len(data) > MAX_IMPORT_BYTES:
             raise StoreError("That file is too large to be a conversation export.")
-        return self.store.import_conversation(data)
+        return self.store.import_conversation(data, owner=viewer.current())
 
     def written_elsewhere(self, conversation_id: str | None) -> bool:
         """True while another app instance on this data folder is writing an answer in this conversation (the
         page follows it until it is done). An answer whose writer died meanwhile is marked stopped here."""
-        conversation_id = conversation_id or None
+        conversation_id = conversation_id if self.is_mine(conversation_id) else None
         try:
             messages = self.store.get_conversation(conversation_id)["messages"] if conversation_id else []
         except StoreError:

@@ -192,7 +192,8 @@ class AppClient:
             raise HandoverError(f"the app refused the screenshot ({e.code}): {message}") from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
             raise AppNotRunning(self.how_to_start()) from e
-        return base.rstrip("/") + answer["path"]
+        # The page carries the token too: it signs the browser in (app.gate) if it has no session yet.
+        return install_token.with_token(base.rstrip("/") + answer["path"], token)
 
     def reachable(self) -> bool:
         try:

@@ -13,8 +13,10 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 TOKEN_FILE = "install-token"
+TOKEN_PARAM = "token"  # the query parameter of a page address that carries the token (app.gate)
 
 
 class TokenError(RuntimeError):
@@ -76,3 +78,10 @@ def is_loopback(host: str | None) -> bool:
         return False
     mapped = getattr(address, "ipv4_mapped", None)
     return (mapped or address).is_loopback
+
+
+def with_token(url: str, token: str) -> str:
+    """A page address that signs its opener in as the owner (the tab opened at start, the hotkey's page)."""
+    parts = urlsplit(url)
+    query = urlencode([*parse_qsl(parts.query), (TOKEN_PARAM, token)])
+    return urlunsplit(parts._replace(query=query))

@@ -22,6 +22,8 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from . import viewer
+
 log = logging.getLogger(__name__)
 
 
@@ -31,6 +33,11 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def user_folder(user: str) -> str:
+    """A user's folder name: a digest, as account names need not be valid file names."""
+    return hashlib.sha256(user.encode("utf-8")).hexdigest()[:16]
 
 
 class Scratch:
@@ -70,10 +77,15 @@ class Scratch:
         _remove(self.dir)
 
     def file(self, name: str) -> Path:
-        """A fresh path ending in ``name`` (one folder per file keeps the name the user sees)."""
-        folder = self.files_dir / uuid.uuid4().hex
+        """A fresh path ending in ``name`` (one folder per file keeps the name the user sees), inside the asking
+        user's folder: the server hands a scratch file only to the user it was made for (see ``made_for``)."""
+        folder = self.files_dir / user_folder(viewer.current()) / uuid.uuid4().hex
         folder.mkdir(parents=True)
         return folder / Path(name).name
+
+    def made_for(self, path: Path, user: str) -> bool:
+        """Whether ``path`` (resolved) is a file ``file`` made for ``user``."""
+        return path.is_relative_to(self.files_dir.resolve() / user_folder(user))
 
     def write(self, name: str, data: bytes, holds: Iterable[str] = ()) -> Path:
         """Write ``data`` to a fresh scratch file; ``holds``: the attachments (sha256) it contains, e.g. an

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 
+from . import viewer
 from .errors import ChatError
 from .store import Store
 
@@ -118,11 +119,13 @@ class TrainingRuns:
     # ------------------------------------------------------------------ starting and stopping
     def start(self, request: RunRequest) -> TrainingRun:
         """Start a run; refused while another one is running (one device, one run)."""
+        viewer.require_owner("train models")
         self._refuse_if_busy()
         return self._launch(request, self.runs_dir / _stamp(), resume=False)
 
     def resume(self, run_id: str) -> TrainingRun:
         """Continue a stopped or failed run from its last checkpoint, with the same settings."""
+        viewer.require_owner("train models")
         run = self.get(run_id)
         if run.status == "running":
             raise TrainingError("This run is still running.")
@@ -133,6 +136,7 @@ class TrainingRuns:
 
     def stop(self, run_id: str) -> None:
         """Ask the run to save a checkpoint and exit (it finishes its current step first)."""
+        viewer.require_owner("train models")
         run = self.get(run_id)
         process = self._alive(self.store.get_run(run_id))
         if run.status != "running" or process is None:
@@ -166,9 +170,11 @@ class TrainingRuns:
 
     # ------------------------------------------------------------------ reading
     def get(self, run_id: str) -> TrainingRun:
+        viewer.require_owner("see training runs")
         return TrainingRun.from_row(self._refresh(self.store.get_run(run_id)))
 
     def list(self, limit: int = 50) -> list[TrainingRun]:
+        viewer.require_owner("see training runs")
         return [TrainingRun.from_row(self._refresh(row)) for row in self.store.list_runs(limit)]
 
     def metrics(self, run_id: str) -> list[dict]:

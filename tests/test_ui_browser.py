@@ -19,10 +19,12 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
 
+from app.install_token import with_token
 from app.store import Store
 
 from conftest import require, require_module, stop_process
@@ -39,6 +41,9 @@ playwright_api = require_module("playwright.sync_api")
 
 
 # ---------------------------------------------------------------------- fixtures
+TOKENS: dict[str, str] = {}  # host:port -> the install token of the app start_server started there
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,9 +67,12 @@ def start_server(data_dir: Path, port: int, log_path: Path, model: Path | None =
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"run_app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
+            try:  # the install token is made at start; with it, the page answers 200
+                token = (data_dir / "install-token").read_text().strip()
+                request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+                with urllib.request.urlopen(request, timeout=2) as response:
                     if response.status == 200:
+                        TOKENS[urlsplit(url).netloc] = token
                         return proc
             except OSError:
                 pass
@@ -144,7 +152,8 @@ def page(shared_page):
 
 # ---------------------------------------------------------------------- helpers
 def open_app(page, url: str) -> None:
-    page.goto(url)
+    """Open the app as its owner: the address carries the install token, as the tab run_app.py opens does."""
+    page.goto(with_token(url, TOKENS[urlsplit(url).netloc]))
     page.wait_for_selector("#chat-input textarea")
     # The demo model loads in a second or two; the banner turns ready and the meter fills in.
     page.wait_for_selector("#model-banner .status-dot.ready", timeout=60_000)

@@ -21,14 +21,21 @@ Stable element ids (for the browser tests and for custom CSS):
                         delete-btn delete-confirm delete-yes-btn delete-no-btn export-json-btn
                         export-md-btn export-file import-btn history-notice
     model-details       the Model tab
+    account             who is signed in, and Sign out (only with accounts)
+
+Who is signed in (app.gate puts it on each request) decides what the services show (app.viewer): each user sees
+their own history; the Model and Training tabs are the owner's only.
 """
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 import gradio as gr
 
+from app import viewer
+from app.gate import LOGOUT_PATH, SignIn
 from app.services import Services
 
 from .chat_tab import ChatTab
@@ -57,7 +64,27 @@ class ChatApp(gr.Blocks):
         return super().launch(*args, **kwargs)
 
 
-def build_ui(services: Services) -> gr.Blocks:
+def signed_in_user() -> str | None:
+    """The user of the gradio event being handled (None outside one): what app.gate's SignIn found."""
+    from gradio.context import LocalContext
+
+    request = LocalContext.request.get(None)
+    if request is None:
+        return None
+    return getattr(request, "username", None) or viewer.NOBODY
+
+
+def account_html(sign_in: SignIn | None, user: str) -> str:
+    if sign_in is None or sign_in.accounts is None:
+        return ""
+    return (f'<span>Signed in as <b>{html.escape(sign_in.display_name(user))}</b></span> '
+            f'<a href="{LOGOUT_PATH}" id="logout-link">Sign out</a>')
+
+
+def build_ui(services: Services, sign_in: SignIn | None = None) -> gr.Blocks:
+    """`sign_in`: the gate in front of the server (run_app.py); without one, everything runs as the owner."""
+    if sign_in is not None:
+        viewer.resolve_with(signed_in_user)
     # Attachments are content-addressed and never change: serve them straight from the data directory
     # instead of copying every thumbnail into gradio's cache on each transcript update.
     gr.set_static_paths([services.attachments_dir])
@@ -66,14 +93,15 @@ def build_ui(services: Services) -> gr.Blocks:
     with ChatApp(title=TITLE, fill_width=True) as demo:
         demo.file_dirs = [str(services.scratch.files_dir)]
         conv = gr.State(None)  # the open conversation's id, shared by the sidebar and the chat tab
+        account = gr.HTML("", elem_id="account")
         history = HistoryPanel(services, conv)
         banner = ModelTab.make_banner(services.models)
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Chat", id="chat", elem_id="chat-tab"):
                 chat = ChatTab(services, conv)
-            with gr.Tab("Model", id="model", elem_id="model-tab"):
+            with gr.Tab("Model", id="model", elem_id="model-tab") as model_tab:
                 model = ModelTab(services, banner)
-            with gr.Tab("Training", id="training", elem_id="training-tab"):
+            with gr.Tab("Training", id="training", elem_id="training-tab") as training_tab:
                 training = TrainingTab(services)
         model.timer.render()  # polls the banner whichever tab is open
         chat.build_tools()  # the right-hand side panel
@@ -88,11 +116,15 @@ def build_ui(services: Services) -> gr.Blocks:
             wanted = services.history.get(request.query_params.get("c") if request else None)
             opened = chat.open_updates(wanted) if wanted else {}
             conversation_id = wanted.id if wanted else conversation_id
+            owner = viewer.is_owner()
             return {**history.refresh(conversation_id), **model.updates(), **chat.on_load(conversation_id),
-                    **training.on_load(), **opened,
+                    **(training.on_load() if owner else {}), **opened,
+                    model_tab: gr.Tab(visible=owner), training_tab: gr.Tab(visible=owner),
+                    account: account_html(sign_in, viewer.current()),
                     chat.meter: chat.refresh_meter(conversation_id, value, max_new_tokens)}
 
-        load_outputs = [history.list, history.rename_box, model.banner, model.details, model.recent, chat.meter,
+        load_outputs = [account, model_tab, training_tab, history.list, history.rename_box, model.banner,
+                        model.details, model.recent, chat.meter,
                         chat.monitor, chat.screen_note, chat.page_loaded, *chat.settings.inputs, training.run_picker,
                         training.status, training.plot, training.log, training.timer, training.chats]
         load_outputs += [c for c in chat.open_outputs if c not in load_outputs]

@@ -11,6 +11,7 @@ import math
 import gradio as gr
 import pandas as pd
 
+from app import viewer
 from app.services import USER_ERRORS, Services
 from app.training_runs import RunRequest, TrainingError, TrainingRun
 from engine.training.loop import TrainingError as EngineTrainingError
@@ -106,6 +107,7 @@ class TrainingTab:
 
         from engine.training.data import export_conversations
 
+        viewer.require_owner("prepare training data")
         if not conversation_ids:
             return show(self.notice, "Tick the conversations to export first.", "info")
         conversations = []

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from .attachments import Attachments, check_sha
-from .db import ROLES, STATUSES, StoreError, check_choice, from_json, to_json, utc_now
+from .db import LOCAL_OWNER, ROLES, STATUSES, StoreError, check_choice, from_json, to_json, utc_now
 
 TITLE_LENGTH = 60
 
@@ -90,6 +90,7 @@ class Conversations(Attachments):
         title: str | None = None,
         model: str | None = None,
         system_prompt: str | None = None,
+        owner: str = LOCAL_OWNER,
     ) -> str:
         conversation_id = str(uuid.uuid4())
         now = utc_now()
@@ -102,13 +103,15 @@ class Conversations(Attachments):
                     "updated_at": now,
                     "model": model,
                     "system_prompt": system_prompt,
+                    "owner": owner,
                 }
             )
         return conversation_id
 
-    def list_conversations(self, limit: int = 50, offset: int = 0) -> list[dict]:
+    def list_conversations(self, limit: int = 50, offset: int = 0, owner: str | None = None) -> list[dict]:
         """Most recently updated first, without messages; ``message_count``
-        counts the messages of the current path (other versions aside)."""
+        counts the messages of the current path (other versions aside).
+        ``owner``: only that user's (None: everyone's)."""
         if limit < 0 or offset < 0:
             raise StoreError("limit and offset must not be negative")
         with self._lock:
@@ -116,10 +119,11 @@ class Conversations(Attachments):
                 f"""
                 SELECT c.*, ({PATH_CTE} SELECT count(id) FROM path) AS message_count
                 FROM conversations c
+                WHERE ? IS NULL OR c.owner = ?
                 ORDER BY c.updated_at DESC, c.rowid DESC
                 LIMIT ? OFFSET ?
                 """,
-                [limit, offset],
+                [owner, owner, limit, offset],
             )
         for row in rows:
             row["settings"] = from_json(row["settings"])
@@ -165,6 +169,26 @@ class Conversations(Attachments):
         conversation["settings"] = from_json(conversation["settings"])
         conversation["messages"] = messages
         return conversation
+
+    def conversation_owner(self, conversation_id: str) -> str | None:
+        """Whose conversation this is; None when there is none by that id."""
+        with self._lock:
+            rows = self._rows("SELECT owner FROM conversations WHERE id = ?", [conversation_id])
+        return rows[0]["owner"] if rows else None
+
+    def owns_attachment(self, owner: str, sha: str) -> bool:
+        """Whether a message of one of ``owner``'s conversations holds this attachment (files are shared by
+        content between users, so a file is theirs to see when any of their messages refers to it)."""
+        with self._lock:
+            return bool(self._rows(
+            """
+            SELECT 1 FROM message_attachments ma
+            JOIN messages m ON m.id = ma.message_id
+            JOIN conversations c ON c.id = m.conversation_id
+            WHERE ma.sha256 = ? AND c.owner = ? LIMIT 1
+            """,
+            [sha, owner],
+        ))
 
     def rename_conversation(self, conversation_id: str, title: str | None) -> None:
         title = (title or "").strip() or None  # blank means untitled

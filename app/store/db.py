@@ -42,6 +42,11 @@ class StoreError(Exception):
 # Never edit one that has shipped; append a new one instead.
 
 
+# The owner of conversations made by the person running the app (no login on this machine, or the first
+# account): not a valid account name (see app.accounts), so no account can be mistaken for it.
+LOCAL_OWNER = "@owner"
+
+
 def m001_initial(db: sqlite_utils.Database) -> None:
     db.execute(
         """
@@ -207,8 +212,15 @@ def m007_training_runs(db: sqlite_utils.Database) -> None:
     )
 
 
+def m008_conversation_owner(db: sqlite_utils.Database) -> None:
+    # The user a conversation belongs to (app.viewer): an account name, or LOCAL_OWNER for the person who runs
+    # the app, whatever they log in as; conversations from before were theirs.
+    db.execute(f"ALTER TABLE conversations ADD COLUMN owner TEXT NOT NULL DEFAULT '{LOCAL_OWNER}'")
+    db.execute("CREATE INDEX conversations_owner ON conversations(owner, updated_at)")
+
+
 MIGRATIONS = [m001_initial, m002_fts, m003_settings, m004_conversation_settings, m005_message_owner,
-              m006_message_tree, m007_training_runs]
+              m006_message_tree, m007_training_runs, m008_conversation_owner]
 
 
 # --------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 
 from .attachments import MIME_RE, SHA_RE
 from .conversations import Conversations
-from .db import ROLES, STATUSES, StoreError, check_choice, to_json, utc_now
+from .db import LOCAL_OWNER, ROLES, STATUSES, StoreError, check_choice, to_json, utc_now
 
 EXPORT_FORMAT = "deepseek-vl-local/conversation"
 EXPORT_VERSION = 1
@@ -135,7 +135,7 @@ class Export(Conversations):
                             zipfile.ZIP_STORED)
         return buffer.getvalue()
 
-    def import_conversation(self, data: dict | str | bytes) -> str:
+    def import_conversation(self, data: dict | str | bytes, owner: str = LOCAL_OWNER) -> str:
         """Add a conversation from :meth:`export_conversation` output (a dict
         or its JSON text) as a new conversation; returns its id.
 
@@ -147,7 +147,7 @@ class Export(Conversations):
         written: list[Path] = []
         with self._write():
             try:
-                self.db["conversations"].insert({"id": conversation_id, **conversation})
+                self.db["conversations"].insert({"id": conversation_id, **conversation, "owner": owner})
                 for sha, (blob, name, mime) in blobs.items():
                     path = self._put_attachment(sha, blob, name, mime)
                     if path:

@@ -24,7 +24,7 @@ def fts_query(text: str) -> str:
 
 class Search(Database):
     def search(
-        self, query: str, limit: int = 20, highlight: tuple[str, str] = ("[", "]")
+        self, query: str, limit: int = 20, highlight: tuple[str, str] = ("[", "]"), owner: str | None = None
     ) -> list[dict]:
         """Full-text search over message text, best match first.
 
@@ -45,9 +45,9 @@ class Search(Database):
                 FROM messages_fts
                 JOIN messages m ON m.id = messages_fts.rowid
                 JOIN conversations c ON c.id = m.conversation_id
-                WHERE messages_fts MATCH ?
+                WHERE messages_fts MATCH ? AND (? IS NULL OR c.owner = ?)
                 ORDER BY messages_fts.rank, m.id DESC
                 LIMIT ?
                 """,
-                [highlight[0], highlight[1], match, limit],
+                [highlight[0], highlight[1], match, owner, owner, limit],
             )
