@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--api-key", metavar="KEY", default=None,
                      help=f"the key API clients must send (default: ${API_KEY_ENV} if set, else a new key is "
                           "generated at each start and printed once)")
+    api.add_argument("--allow-remote-images", action="store_true",
+                     help="fetch images that requests give as http(s) addresses (from public addresses only, "
+                          "up to the chat's image size limit); by default only data: URIs are taken")
+    api.add_argument("--api-save", action="store_true",
+                     help="keep the API's conversations in the app's history, beside the chat's own")
     hotkey = p.add_argument_group("screenshot hotkey")
     hotkey.add_argument("--hotkey", action="store_true",
                         help="also listen for a global shortcut that sends the screen to the app as a new "
@@ -211,12 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     services = Services.build(store, models, scratch=scratch, scheduler=Scheduler(args.parallel))
     from app import hotkey, install_token
     from app.api import OpenAIApi, generate_api_key
+    from app.api_history import ApiHistory
     from app.handover import ScreenshotHandover
     from ui.app import build_ui  # imported late: gradio is heavy and --help must not need it
 
     # The API key is made for this run only when none is given (the install token below is for local helpers).
     api_key = args.api_key or generate_api_key()
-    api = OpenAIApi(models, services.chat.scheduler, api_key)
+    api = OpenAIApi(models, services.chat.scheduler, api_key, remote_images=args.allow_remote_images,
+                    history=ApiHistory(store) if args.api_save else None)
     try:
         handover = ScreenshotHandover(services.chat, install_token.load_or_create(args.data_dir))
     except install_token.TokenError as e:
