@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"the key API clients must send (default: ${API_KEY_ENV} if set; else, on this machine "
                           "only, the install token from the data folder; else a new key is generated at each "
                           "start and printed once)")
+    api.add_argument("--allow-remote-images", action="store_true",
+                     help="fetch images that requests give as http(s) addresses (from public addresses only, "
+                          "up to the chat's image size limit); by default only data: URIs are taken")
+    api.add_argument("--api-save", action="store_true",
+                     help="keep the API's conversations in the app's history (the owner's), beside the chat's own")
     hotkey = p.add_argument_group("screenshot hotkey")
     hotkey.add_argument("--hotkey", action="store_true",
                         help="also listen for a global shortcut that sends the screen to the app as a new "
@@ -243,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from app import hotkey, install_token
     from app.api import API_PREFIX, OpenAIApi, generate_api_key
+    from app.api_history import ApiHistory
     from app.gate import Files, Gate, SignIn
     from app.handover import ScreenshotHandover
     from ui.app import build_ui  # imported late: gradio is heavy and --help must not need it
@@ -255,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     # On this machine only, the install token is the API key too (local clients read it from the data folder);
     # reachable from elsewhere, a key is made for this run and shown once, unless one is given.
     api_key = args.api_key or (generate_api_key() if args.exposed else token)
-    api = OpenAIApi(models, services.chat.scheduler, api_key)
+    api = OpenAIApi(models, services.chat.scheduler, api_key, remote_images=args.allow_remote_images,
+                    history=ApiHistory(store) if args.api_save else None)
     handover = ScreenshotHandover(services.chat, token)
     sign_in = SignIn(token, accounts)
     gate = Middleware(Gate, sign_in=sign_in, files=Files(store, scratch), open_prefixes=(API_PREFIX, hotkey.HANDOVER_PATH))
@@ -268,13 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                                             app_kwargs={"routes": [*api.routes(), *handover.routes()],
                                                         "middleware": [gate]})
     owner_url = install_token.with_token(url, token)
-    if args.api_key:
-        key_line = "the one given (--api-key or $" + API_KEY_ENV + ")"
-    elif args.exposed:
-        key_line = f"{api_key} (new at each start; choose one with --api-key)"
-    else:
-        key_line = f"the install token, in {install_token.token_path(args.data_dir)} (or choose one with --api-key)"
-    print(startup_message(owner_url, share_url, models.model_name, args.data_dir, key_line,
+    print(startup_message(owner_url, share_url, models.model_name, args.data_dir, api_key_line(args, api_key),
                           login=(accounts.owner_name, generated_password) if generated_password else None),
           flush=True)
     # Where the hotkey listener finds this server (its port may differ from run to run).
@@ -312,6 +313,17 @@ def start_hotkey(args: argparse.Namespace, local_url: str):
                         open_page=None if args.no_browser else open_browser)
     threading.Thread(target=listener.run, args=(stop,), name="hotkey-listener", daemon=True).start()
     return stop
+
+
+def api_key_line(args: argparse.Namespace, api_key: str) -> str:
+    """What the API key is: a key the user gave is not echoed; a generated one is shown this once."""
+    if args.api_key:
+        return f"the one given (--api-key or ${API_KEY_ENV})"
+    if args.exposed:
+        return f"{api_key} (new at each start; choose one with --api-key)"
+    from app.install_token import token_path
+
+    return f"the install token, in {token_path(args.data_dir)} (or choose one with --api-key)"
 
 
 def startup_message(url: str, share_url: str | None, model: str, data_dir: Path, api_key: str,

@@ -41,7 +41,7 @@ def check_name(name: str, where: str = "") -> str:
 def parse_pair(text: str, where: str = "") -> tuple[str, str]:
     """'user:password' -> (user, password); split at the first colon, so a password may contain colons."""
     user, sep, password = text.partition(":")
-    if not sep or not password:
+    if not sep or not password or not user.strip():
         raise AccountsError(f"{where}expected USER:PASS with a non-empty user name and password")
     return check_name(user.strip(), where), password
 

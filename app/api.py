@@ -14,7 +14,8 @@ What differs from OpenAI, on purpose:
 - an unset `temperature` (and `top_p`) means the app's defaults (greedy), as in the UI; an unset `max_tokens`
   means the rest of the context window;
 - images of a message go before its text (the model's prompt format has no place for them in between);
-- `image_url` takes `data:` URIs only: fetching remote URLs is not implemented (a clear 400 says so);
+- `image_url` takes `data:` URIs; web addresses only with run_app.py --allow-remote-images (app.remote_images
+  fetches them, from public addresses only), else a clear 400 says how to allow them;
 - `n` must be 1; `tools` and `logprobs` are refused; other unknown fields are ignored, as clients send many.
 """
 
@@ -47,9 +48,11 @@ from engine.generation import SamplingParams
 from engine.processing import ImageError
 from engine.runtime import Runtime
 
-from .chat_service import MAX_TEXT_CHARS
+from .api_history import ApiHistory
+from .chat_service import MAX_TEXT_CHARS, answer_timings
 from .errors import ChatError
 from .models import ModelManager
+from .remote_images import RemoteImageError, fetch_image
 from .scheduler import Scheduler, Ticket
 from .settings import GenerationSettings
 
@@ -126,8 +129,9 @@ def parse_json(body: bytes) -> dict:
     return data
 
 
-def parse_chat_request(data: dict) -> ChatRequest:
-    """Check a /v1/chat/completions body (the model name is checked by the caller). Raises ApiError (400)."""
+def parse_chat_request(data: dict, fetch: Callable[[str], bytes] | None = None) -> ChatRequest:
+    """Check a /v1/chat/completions body (the model name is checked by the caller). Raises ApiError (400).
+    `fetch` gets the bytes of an http(s) image address (None: such addresses are refused)."""
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("`model` is required: the name of the model (GET /v1/models lists it).", "model")
@@ -162,14 +166,15 @@ def parse_chat_request(data: dict) -> ChatRequest:
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOP_STRINGS:
         raise _bad(f"`stop` must be a string or a list of at most {MAX_STOP_STRINGS} strings.", "stop")
 
-    system_prompt, turns, images, labels = _parse_messages(data.get("messages"))
+    system_prompt, turns, images, labels = _parse_messages(data.get("messages"), fetch)
     return ChatRequest(model=model, system_prompt=system_prompt, turns=turns, images=images, image_labels=labels,
                        temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                        seed=None if seed is None else seed % 2**63, stop=[s for s in stop if s], stream=stream,
                        include_usage=bool(options.get("include_usage")))
 
 
-def _parse_messages(messages: Any) -> tuple[str | None, list[TurnSpec], dict[str, bytes], dict[str, str]]:
+def _parse_messages(messages: Any, fetch: Callable[[str], bytes] | None
+                    ) -> tuple[str | None, list[TurnSpec], dict[str, bytes], dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise _bad("`messages` must be a non-empty list of messages.", "messages")
     system: list[str] = []
@@ -184,7 +189,7 @@ def _parse_messages(messages: Any) -> tuple[str | None, list[TurnSpec], dict[str
         if role not in ("system", "developer", "user", "assistant"):
             raise _bad(f"{where.capitalize()} has role {role!r}; this server takes system, user and assistant "
                        "messages (no tool messages).", "messages")
-        texts, shas = _parse_content(message.get("content"), where, images, labels, allow_images=role == "user")
+        texts, shas = _parse_content(message.get("content"), where, images, labels, role == "user", fetch)
         if role in ("system", "developer"):
             system.append("\n\n".join(texts))
             continue
@@ -212,7 +217,7 @@ def _parse_messages(messages: Any) -> tuple[str | None, list[TurnSpec], dict[str
 
 
 def _parse_content(content: Any, where: str, images: dict[str, bytes], labels: dict[str, str],
-                   allow_images: bool) -> tuple[list[str], list[str]]:
+                   allow_images: bool, fetch: Callable[[str], bytes] | None) -> tuple[list[str], list[str]]:
     """A message's content -> (texts, image shas); the image data lands in `images`."""
     if content is None:  # an assistant message that only called tools
         return [], []
@@ -233,7 +238,7 @@ def _parse_content(content: Any, where: str, images: dict[str, bytes], labels: d
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str):
                 raise _bad(f"The {label} has no `image_url.url`.", "messages")
-            data = _image_data(url, label)
+            data = _image_data(url, label, fetch)
             sha = hashlib.sha256(data).hexdigest()
             images[sha] = data
             labels.setdefault(sha, label)
@@ -244,10 +249,17 @@ def _parse_content(content: Any, where: str, images: dict[str, bytes], labels: d
     return texts, shas
 
 
-def _image_data(url: str, label: str) -> bytes:
-    if url.startswith(("http://", "https://")):
-        raise _bad(f"The {label} is a web address: this server does not fetch images from the web. Send the image "
-                   "itself as a data URI (data:image/png;base64,...).", "messages", "image_url_not_supported")
+def _image_data(url: str, label: str, fetch: Callable[[str], bytes] | None) -> bytes:
+    if url.lower().startswith(("http://", "https://")):
+        if fetch is None:
+            raise _bad(f"The {label} is a web address: this server does not fetch images from the web unless it "
+                       "was started with --allow-remote-images. Send the image itself as a data URI "
+                       "(data:image/png;base64,...).", "messages", "image_url_not_supported")
+        try:
+            return fetch(url)
+        except RemoteImageError as e:
+            raise _bad(f"The {label} was not fetched: {e}", "messages",
+                       "image_url_refused" if e.refused else "image_url_unreachable") from None
     head, comma, payload = url.partition(",")
     if not url.startswith("data:") or not comma or not head.endswith(";base64"):
         raise _bad(f"The {label} must be a base64 data URI (data:image/png;base64,...).", "messages",
@@ -390,7 +402,10 @@ class OpenAIApi:
     """The routes and their logic; `routes()` gives them to the web server (see run_app.py)."""
 
     def __init__(self, models: ModelManager, scheduler: Scheduler, api_key: str, *, pool_size: int = 2,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 max_body_bytes: int = MAX_BODY_BYTES, remote_images: bool = False,
+                 history: ApiHistory | None = None):
+        """`remote_images`: fetch http(s) image addresses (app.remote_images); `history`: save the answered
+        conversations there (None: nothing is stored)."""
         if not api_key:
             raise ValueError("an API key is required")
         self.models = models
@@ -398,6 +413,8 @@ class OpenAIApi:
         self._key = api_key.encode()
         self._owner = "api:" + hashlib.sha256(self._key).hexdigest()[:8]
         self.max_body_bytes = max_body_bytes
+        self.fetch = fetch_image if remote_images else None
+        self.history = history
         self.pool = SessionPool(pool_size)
         models.on_unload.append(self.pool.clear)
 
@@ -483,7 +500,7 @@ class OpenAIApi:
         data = parse_json(body)
         if isinstance(data.get("model"), str):  # an unknown model first: nothing else matters then
             self._check_model(data["model"])
-        request = parse_chat_request(data)
+        request = parse_chat_request(data, self.fetch)
         try:
             runtime = self.models.require()
         except ChatError as e:
@@ -554,10 +571,22 @@ class OpenAIApi:
                     emit(_Event("cancelled"))
                     return
                 slot.spec = job.request.turns + [(ASSISTANT, session.turns[-1].text, ())]
-                emit(_Event("done", session.turns[-1].text, stats.finish, stats.prompt_tokens, stats.tokens,
-                            stats.reused_tokens))
+                done = _Event("done", session.turns[-1].text, stats.finish, stats.prompt_tokens, stats.tokens,
+                              stats.reused_tokens)
+            if self.history is not None:  # after the model is free again, before the client hears the answer
+                self._save(job, done.text, answer_timings(session))
+            emit(done)
         finally:
             self.pool.give_back(slot, keep)
+
+    def _save(self, job: _Job, answer: str, timings: dict) -> None:
+        request = job.request
+        try:
+            self.history.save(job.owner, request.system_prompt, request.turns, request.images, answer,
+                              model=self.models.model_name, timings=timings,
+                              settings=GenerationSettings.from_sampling(job.params, request.system_prompt).to_dict())
+        except Exception:  # the answer is still given; the history misses it
+            log.exception("could not save the API conversation")
 
     def _start(self, job: _Job) -> AsyncIterator[_Event]:
         """Start the job in its thread now (so it ends, and gives its session back, even if nobody reads) and

@@ -362,7 +362,7 @@ class ChatService:
                             time.monotonic() - flushed_at >= self.flush_seconds:
                         self.store.update_message(message_id, text="".join(pieces))
                         flushed_tokens, flushed_at = tokens, time.monotonic()
-            stats = {**_stats(session.last_stats), "backend": session.runtime.backend()}
+            stats = answer_timings(session)
             final = session.turns[-1].text  # exactly what the session keeps as the answer (stripped)
             status = "stopped" if stats["finish"] == "cancelled" else "complete"
             self.store.update_message(message_id, text=final, status=status, timings=stats)
@@ -678,7 +678,9 @@ def _reserve(params: SamplingParams) -> int:
     return min(params.max_new_tokens, MIN_ANSWER_ROOM)
 
 
-def _stats(s) -> dict:
+def answer_timings(session: ChatSession) -> dict:
+    """The record of the session's last answer stored with it (speed, token counts, backend)."""
+    s = session.last_stats
     return {"prompt_tokens": s.prompt_tokens, "reused_tokens": s.reused_tokens, "new_images": s.new_images,
             "ttft": round(s.ttft, 4), "tokens": s.tokens, "tokens_per_second": round(s.tokens_per_second, 2),
-            "finish": s.finish}
+            "finish": s.finish, "backend": session.runtime.backend()}

@@ -1,5 +1,6 @@
 """The OpenAI-compatible API with the official `openai` client against a real `run_app.py` on the talkative model
-(a tiny random model whose answers run on to max_tokens, see conftest).
+(a tiny random model whose answers run on to max_tokens, see conftest): one server with the default flags, one
+with --allow-remote-images and --api-save (whose history is read back with a Store on its data folder).
 
 Answers are greedy, so each is checked against the same conversation answered in this process by an engine
 ChatSession on the same checkpoint: equal text and equal token counts show that the prompt (system prompt,
@@ -15,13 +16,17 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from app.store import Store
 from engine.chat import ChatSession, Turn, USER, ASSISTANT
 from engine.generation import SamplingParams
 
@@ -42,18 +47,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, talkative_model):
-    """run_app.py on the talkative model with an API key; its base URL once the model is ready."""
-    data_dir = tmp_path_factory.mktemp("api-data")
-    log_path = data_dir.parent / "api-server.log"
+@contextmanager
+def running_app(data_dir: Path, model: Path, *flags: str):
+    """run_app.py on `model` with an API key; its base URL once the model is ready."""
+    log_path = data_dir.parent / f"{data_dir.name}-server.log"
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "run_app.py", "--no-browser", "--port", str(port), "--data-dir",
-                                 str(data_dir), "--model", str(talkative_model), "--api-key", KEY], cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+                                 str(data_dir), "--model", str(model), "--api-key", KEY, *flags], cwd=REPO, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -78,8 +82,32 @@ def server(tmp_path_factory, talkative_model):
 
 
 @pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("api-data")
+
+
+@pytest.fixture(scope="module")
+def server(data_dir, talkative_model):
+    """The app with the default flags: no remote images, nothing saved."""
+    with running_app(data_dir, talkative_model) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server, api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def saving_data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("api-saving-data")
+
+
+@pytest.fixture(scope="module")
+def saving_client(saving_data_dir, talkative_model):
+    """A client of the app started with --allow-remote-images --api-save."""
+    with running_app(saving_data_dir, talkative_model, "--allow-remote-images", "--api-save") as base:
+        yield openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=120)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -252,10 +280,54 @@ def test_image_that_does_not_decode(client):
     _refused(lambda: client.chat.completions.create(model=MODEL, messages=bad_base64), 400, "not valid base64")
 
 
+def image_url_message(url: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What is this?"}]}]
+
+
 def test_remote_image_urls_are_refused(client):
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
-    _refused(lambda: client.chat.completions.create(model=MODEL, messages=messages), 400, "does not fetch",
-             "data URI")
+    messages = image_url_message("https://example.com/a.png")
+    error = _refused(lambda: client.chat.completions.create(model=MODEL, messages=messages), 400, "does not fetch",
+                     "--allow-remote-images", "data URI")
+    assert error.code == "image_url_not_supported"
+
+
+@pytest.fixture()
+def image_server():
+    """A local web server with an image at /a.png; its base URL, and the paths it was asked for."""
+    requests = []
+    body = base64.b64decode(data_uri(png("teal")).partition(",")[2])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", requests
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_remote_images_from_private_addresses_are_refused(saving_client, image_server):
+    """With --allow-remote-images a web address is fetched, but never from this machine or its network (the
+    fetching itself is tested in test_remote_images, with an address policy that lets the test server in)."""
+    base, requests = image_server
+    for url in (f"{base}/a.png", "http://169.254.169.254/latest/meta-data/"):
+        error = _refused(lambda: saving_client.chat.completions.create(model=MODEL, messages=image_url_message(url)),
+                         400, "image 1 of message 1", "private, loopback", "only from public addresses")
+        assert error.code == "image_url_refused"
+    assert requests == []  # refused before connecting
 
 
 def test_too_many_images_for_the_context(client):
@@ -339,3 +411,56 @@ def test_requests_wait_in_the_schedulers_line(models):
         request.join(60)
     assert results[0].status_code == 200 and results[0].json()["usage"]["completion_tokens"] == 2
     assert scheduler.running == 0 and scheduler.waiting == 0
+
+
+# ---------------------------------------------------------------------- --api-save
+def stored(data_dir: Path) -> dict[str, dict]:
+    """Every stored conversation with its messages, by id."""
+    with Store(data_dir) as store:
+        return {c["id"]: store.get_conversation(c["id"]) for c in store.list_conversations(limit=1000)}
+
+
+def test_without_api_save_nothing_is_stored(client, data_dir):
+    client.chat.completions.create(model=MODEL, max_tokens=4, messages=[user("Remember this?", png("red"))])
+    assert stored(data_dir) == {}
+
+
+def test_api_save_keeps_a_growing_conversation_as_one(saving_client, saving_data_dir):
+    before = stored(saving_data_dir)
+    system = "You are terse."
+    picture = png("navy")
+    messages = [{"role": "system", "content": system}, user("What colour is this?", picture)]
+    first = saving_client.chat.completions.create(model=MODEL, max_tokens=6, messages=messages)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content}, user("Are you sure?")]
+    second = saving_client.chat.completions.create(model=MODEL, max_tokens=6, messages=messages)
+
+    new = {k: v for k, v in stored(saving_data_dir).items() if k not in before}
+    assert len(new) == 1
+    (conversation,) = new.values()
+    assert conversation["system_prompt"] == system
+    assert conversation["title"] == "What colour is this?"
+    got = [(m["role"], m["text"], len(m["attachments"])) for m in conversation["messages"]]
+    assert got == [("user", "What colour is this?", 1), ("assistant", first.choices[0].message.content, 0),
+                   ("user", "Are you sure?", 0), ("assistant", second.choices[0].message.content, 0)]
+    image = conversation["messages"][0]["attachments"][0]
+    assert Path(image["path"]).read_bytes() == base64.b64decode(data_uri(picture).partition(",")[2])
+    answer = conversation["messages"][3]
+    assert answer["settings"]["system_prompt"] == system and answer["settings"]["max_new_tokens"] == 6
+    assert answer["timings"]["tokens"] == second.usage.completion_tokens
+
+    # Another conversation (it does not continue the stored one) is stored apart.
+    other = saving_client.chat.completions.create(model=MODEL, max_tokens=4, messages=[user("Something else.")])
+    newer = {k: v for k, v in stored(saving_data_dir).items() if k not in before}
+    assert len(newer) == 2 and newer[conversation["id"]] == conversation
+    (kept,) = (c for k, c in newer.items() if k != conversation["id"])
+    assert [(m["role"], m["text"]) for m in kept["messages"]] == [
+        ("user", "Something else."), ("assistant", other.choices[0].message.content)]
+
+    # A refused request (an image that does not decode, continuing the first conversation) changes nothing.
+    junk = "data:image/png;base64," + base64.b64encode(b"not a picture").decode()
+    bad = messages + [{"role": "assistant", "content": second.choices[0].message.content},
+                      {"role": "user", "content": [{"type": "image_url", "image_url": {"url": junk}},
+                                                   {"type": "text", "text": "And this?"}]}]
+    _refused(lambda: saving_client.chat.completions.create(model=MODEL, max_tokens=4, messages=bad), 400,
+             "not an image")
+    assert {k: v for k, v in stored(saving_data_dir).items() if k not in before} == newer

@@ -41,10 +41,15 @@ def test_api_key_from_the_flag_or_the_environment(monkeypatch):
     assert run_app.parse_args(["--api-key", "from-flag"]).api_key == "from-flag"
 
 
-def test_a_given_api_key_is_not_echoed():
-    message = run_app.startup_message("http://127.0.0.1:1/", None, "m", Path("/d"))
-    assert "http://127.0.0.1:1/v1" in message and "API key" not in message
-    assert "API key:      sk-1" in run_app.startup_message("http://127.0.0.1:1/", None, "m", Path("/d"), api_key="sk-1")
+def test_a_given_api_key_is_not_echoed(tmp_path):
+    given = run_app.parse_args(["--api-key", "sk-given", "--data-dir", str(tmp_path)])
+    assert "sk-given" not in run_app.api_key_line(given, "sk-given")
+    local = run_app.parse_args(["--data-dir", str(tmp_path)])
+    assert "install token" in run_app.api_key_line(local, "tok")  # this machine only: the token is the key
+    exposed = run_app.parse_args(["--host", "0.0.0.0", "--data-dir", str(tmp_path)])
+    assert run_app.api_key_line(exposed, "sk-new").startswith("sk-new (new at each start")
+    message = run_app.startup_message("http://127.0.0.1:1/?token=t", None, "m", Path("/d"), "sk-1")
+    assert "http://127.0.0.1:1/v1" in message and "API key:      sk-1" in message
 
 
 def test_parallel_answers():
@@ -108,8 +113,9 @@ def test_main_builds_the_service_and_launches_the_ui(tmp_path, monkeypatch, caps
             seen["blocked"] = True
             seen["address"] = (tmp_path / "app-address").read_text()  # for the hotkey listener, while running
 
-    def build_ui(services):
+    def build_ui(services, sign_in):
         seen["parts"] = (services.chat, services.models, services.store)
+        seen["sign_in"] = sign_in
         return FakeBlocks()
 
     monkeypatch.setitem(sys.modules, "ui.app", types.SimpleNamespace(build_ui=build_ui))
@@ -120,16 +126,23 @@ def test_main_builds_the_service_and_launches_the_ui(tmp_path, monkeypatch, caps
     assert service.models is models and service.store is store
     assert service.scheduler.slots == 1  # one answer at a time unless --parallel says otherwise
     assert models.wait(60) and models.is_demo  # the demo loaded in the background
-    routes = seen["launch"].pop("app_kwargs")["routes"]  # the OpenAI-compatible API, on the same server
+    app_kwargs = seen["launch"].pop("app_kwargs")
+    routes = app_kwargs["routes"]  # the OpenAI-compatible API, on the same server
     assert {r.path for r in routes} >= {"/v1/models", "/v1/chat/completions", "/hotkey/screenshot"}
+    assert [m.cls.__name__ for m in app_kwargs["middleware"]] == ["Gate"]  # in front of everything
     assert seen["address"] == "http://127.0.0.1:9000/\n" and not (tmp_path / "app-address").exists()
-    assert seen["launch"] == {"server_name": "127.0.0.1", "server_port": 9000, "share": False, "auth": ("u", "p"),
-                              "inbrowser": False, "quiet": True, "prevent_thread_lock": True}
+    sign_in = seen["sign_in"]
+    assert seen["launch"] == {"server_name": "127.0.0.1", "server_port": 9000, "share": False,
+                              "auth_dependency": sign_in.user_of, "inbrowser": False, "quiet": True,
+                              "prevent_thread_lock": True}
+    assert sign_in.accounts.check("u", "p") == "@owner"  # --auth's first account is the owner
     assert seen["blocked"]
     out = capsys.readouterr().out
-    assert "running at http://127.0.0.1:9000/" in out and str(tmp_path) in out and models.model_name in out
-    # No --api-key: a key was made for this run and shown once.
-    assert "OpenAI API:   http://127.0.0.1:9000/v1" in out and "API key:      sk-dsvl-" in out
+    token = (tmp_path / "install-token").read_text().strip()
+    assert f"running at http://127.0.0.1:9000/?token={token}" in out and str(tmp_path) in out
+    assert models.model_name in out
+    # No --api-key, on this machine only: the install token is the key.
+    assert "OpenAI API:   http://127.0.0.1:9000/v1" in out and "API key:      the install token" in out
     assert store.get_conversation(cid)["messages"][1]["status"] == "stopped"
     # Gradio's cache was in the app's scratch folder, removed when the app ended.
     assert os.environ["GRADIO_TEMP_DIR"] == str(tmp_path / "tmp" / store.instance_id / "gradio")
