@@ -18,7 +18,7 @@ def test_defaults():
     args = run_app.parse_args([])
     assert args.model is None and args.quantization is None
     assert args.device is None and args.dtype is None  # automatic
-    assert (args.host, args.port, args.share, args.auth, args.no_browser) == ("127.0.0.1", 7860, False, None, False)
+    assert (args.host, args.port, args.share, args.auth, args.no_browser) == ("127.0.0.1", 7860, False, [], False)
     assert args.data_dir == Path(platformdirs.user_data_dir("deepseek-vl-local"))
 
 
@@ -28,7 +28,7 @@ def test_flags(tmp_path):
                                "--auth", "ada:s3cr:et", "--data-dir", str(tmp_path), "--no-browser"])
     assert args.model == "deepseek-ai/deepseek-vl-7b-chat" and args.quantization == "4bit"
     assert (args.device, args.dtype, args.host, args.port) == ("cuda:1", "bf16", "0.0.0.0", 8080)
-    assert args.share and args.no_browser and args.auth == ("ada", "s3cr:et")  # colons allowed in the password
+    assert args.share and args.no_browser and args.auth == [("ada", "s3cr:et")]  # colons allowed in the password
     assert args.data_dir == tmp_path
     assert run_app.parse_args(["--load-8bit"]).quantization == "8bit"
 

@@ -6,6 +6,7 @@ import io
 
 from PIL import Image
 
+from app import viewer
 from app.scratch import Scratch
 from app.store import Store
 
@@ -40,7 +41,8 @@ def test_start_removes_what_ended_instances_left_but_not_a_live_ones(tmp_path):
             assert scratch.gradio_dir.is_dir() and scratch.files_dir.is_dir()
             assert files_holding(tmp_path / "tmp", png("blue"))  # the live instance's file is left alone
             path = scratch.file("../../screenshot.png")
-            assert path.name == "screenshot.png" and path.parent.parent == scratch.files_dir
+            assert path.name == "screenshot.png" and path.parent.parent.parent == scratch.files_dir
+            assert scratch.made_for(path.resolve(), viewer.OWNER) and not scratch.made_for(path.resolve(), "bob")
             scratch.close()
             assert not scratch.dir.exists() and running.dir.exists()
 
