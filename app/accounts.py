@@ -103,6 +103,10 @@ class Accounts:
             return None
         return self.user_of(name)
 
+    def has(self, user: str) -> bool:
+        """Whether this signed-in user (OWNER or a name) is still an account."""
+        return user == OWNER or (user in self._accounts and user != self.owner_name)
+
     def user_of(self, name: str) -> str:
         return OWNER if name == self.owner_name else name
 

@@ -6,7 +6,7 @@ Ways in, checked on every request:
   the address printed with --no-browser, the hotkey's page) starts a session as the owner; programs may send
   it as `Authorization: Bearer ...`. Only the user running the app can read the token file.
 - a session cookie, made by the token or by a password login at /login (when accounts are set up:
-  app.accounts). Sessions live in memory: a restart signs everyone out.
+  app.accounts), signed with a key made from the token: it outlives a restart of the app.
 
 Routes that check callers themselves pass through: the OpenAI API (/v1, its key) and the hotkey's endpoint (the
 token). Gradio's file routes are checked here, by path: an attachment only for a user one of whose messages holds
@@ -17,9 +17,10 @@ are salted digests, not guessable) for any signed-in user, and nothing outside t
 from __future__ import annotations
 
 import hashlib
+import hmac
 import html
-import os
 import secrets
+import os
 import threading
 import time
 from pathlib import Path
@@ -43,30 +44,44 @@ MAX_LOGIN_BODY = 16 * 1024
 
 
 class Sessions:
-    def __init__(self, seconds: float = SESSION_SECONDS):
-        self.seconds = seconds
-        self._sessions: dict[str, tuple[str, float]] = {}  # cookie value -> (user, expiry)
+    """Session cookies signed with a key made from the install token, so that they outlive a restart of the app
+    (an open tab goes on working) and nothing about them is stored. A cookie names its user and its expiry;
+    `valid_user` decides whether that user still exists (an account removed since is signed out)."""
+
+    def __init__(self, token: str, valid_user=lambda user: True, seconds: float = SESSION_SECONDS):
+        self._key = hashlib.sha256(b"dsvl session key\0" + token.encode()).digest()
+        self.valid_user, self.seconds = valid_user, seconds
+        self._ended: dict[str, float] = {}  # signed out before expiry: cookie -> its expiry
         self._lock = threading.Lock()
 
     def start(self, user: str) -> str:
-        key = secrets.token_urlsafe(32)
-        with self._lock:
-            self._sessions[key] = (user, time.time() + self.seconds)
-        return key
+        # Hex and digits: characters a cookie takes as is. The nonce keeps two sessions apart (one can end alone).
+        payload = f"{user.encode().hex()}.{int(time.time() + self.seconds)}.{secrets.token_hex(8)}"
+        return f"{payload}.{self._sign(payload)}"
 
-    def user(self, key: str | None) -> str | None:
-        if not key:
+    def user(self, cookie: str | None) -> str | None:
+        try:
+            name, expiry, nonce, signature = (cookie or "").split(".")
+            user = bytes.fromhex(name).decode()
+            expires = int(expiry)
+        except ValueError:  # missing, malformed, not hex or not UTF-8 (all ValueErrors)
+            return None
+        if not hmac.compare_digest(signature, self._sign(f"{name}.{expiry}.{nonce}")) or expires < time.time():
             return None
         with self._lock:
-            found = self._sessions.get(key)
-            if found and found[1] < time.time():
-                del self._sessions[key]
-                found = None
-        return found[0] if found else None
+            if cookie in self._ended:
+                return None
+        return user if self.valid_user(user) else None
 
-    def end(self, key: str | None) -> None:
-        with self._lock:
-            self._sessions.pop(key or "", None)
+    def end(self, cookie: str | None) -> None:
+        if self.user(cookie) is not None:
+            with self._lock:
+                now = time.time()
+                self._ended = {c: t for c, t in self._ended.items() if t > now}
+                self._ended[cookie] = now + self.seconds
+
+    def _sign(self, payload: str) -> str:
+        return hmac.new(self._key, payload.encode(), hashlib.sha256).hexdigest()
 
 
 class SignIn:
@@ -76,9 +91,12 @@ class SignIn:
         self.token = token
         self.accounts = accounts
         self.limiter = limiter or LoginLimiter()
-        self.sessions = Sessions()
+        self.sessions = Sessions(token, self.known_user)
         # Per install, so two apps on one host (cookies ignore the port) keep their sessions apart.
         self.cookie = "dsvl-session-" + hashlib.sha256(token.encode()).hexdigest()[:10]
+
+    def known_user(self, user: str) -> bool:
+        return user == OWNER or (self.accounts is not None and self.accounts.has(user))
 
     def user_of(self, request: Request) -> str | None:
         """Also gradio's `auth_dependency`: its request.username is what this returns."""

@@ -27,14 +27,14 @@ from app import viewer
 from app.accounts import Accounts, AccountsError, LoginLimiter, parse_pair, read_auth_file
 from app.chat_service import ChatService
 from app.errors import ChatError
-from app.gate import Files
+from app.gate import Files, Sessions
 from app.scratch import Scratch
 from app.services import Services
 from app.store import Store, StoreError
 from app.viewer import OWNER
 
 from conftest import stop_process
-from test_ui_browser import STARTUP_TIMEOUT_S, _free_port
+from test_ui_browser import STARTUP_TIMEOUT_S, TIMEOUT_MS, _free_port, browser  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,6 +88,22 @@ def test_failed_logins_are_limited_per_name_and_overall():
     assert limiter.wait("erin") > 0  # ...until too many failed in all
     now[0] = 61
     assert limiter.wait("bob") == 0 and limiter.wait("erin") == 0  # the window passed
+
+
+def test_sessions_are_signed_outlive_a_restart_and_end_at_sign_out():
+    accounts = Accounts([("alice", "a"), ("bob", "b")])
+    sessions = Sessions("install-token", accounts.has)
+    bob = sessions.start("bob")
+    assert sessions.user(bob) == "bob"
+    assert Sessions("install-token", accounts.has).user(bob) == "bob"  # the app restarted: still signed in
+    assert Sessions("another-install", accounts.has).user(bob) is None
+    forged = bob.replace(bob.split(".")[0], b"@owner".hex())
+    assert sessions.user(forged) is None and sessions.user("junk") is None and sessions.user(None) is None
+    assert Sessions("install-token", Accounts([("alice", "a")]).has).user(bob) is None  # bob's account is gone
+    assert Sessions("install-token", accounts.has, seconds=-1).user(Sessions("install-token", accounts.has,
+                                                                              seconds=-1).start("bob")) is None
+    sessions.end(bob)
+    assert sessions.user(bob) is None
 
 
 # ---------------------------------------------------------------------- services act for one user
@@ -308,6 +324,34 @@ def test_pages_show_the_owner_tabs_only_to_the_owner(site):
     assert "Signed in as <b>bob</b>" in bob_view and "Signed in as <b>alice</b>" in alice_view
     assert "quokkapie" in bob_view and "zebracorn" not in bob_view
     assert "zebracorn" in alice_view and "quokkapie" not in alice_view
+
+
+def test_signing_in_through_the_page(site, browser):
+    """In Chromium: the address of a conversation asks for a sign-in first, then opens the user's own page: their
+    history only, no Model or Training tab for a user who is not the owner; Sign out ends the session."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(f"{site['url']}/?c={site['seeded']['zebracorn'][0]}")  # alice's conversation, by its address
+        page.wait_for_selector("#login-btn")
+        page.fill("#username", "bob")
+        page.fill("#password", "wrong")
+        page.click("#login-btn")
+        assert "Wrong user name or password" in page.locator("#login-error").inner_text()
+        page.fill("#username", "bob")
+        page.fill("#password", "bob-secret")
+        page.click("#login-btn")
+        page.wait_for_selector("#account:has-text('Signed in as bob')")
+        page.wait_for_selector("#history-list label:has-text('quokkapie')")
+        assert "zebracorn" not in page.locator("#history-sidebar").inner_text()
+        assert "zebracorn" not in page.locator("#chatbot").inner_text()  # the address did not open it
+        assert not page.locator("button[role=tab]:has-text('Training')").is_visible()
+        assert not page.locator("button[role=tab]:has-text('Model')").is_visible()
+        page.click("#logout-link")
+        page.wait_for_selector("#login-btn")
+    finally:
+        context.close()
 
 
 def test_failed_logins_lock_the_name_for_a_while(site):

@@ -74,11 +74,16 @@ def signed_in_user() -> str | None:
     return getattr(request, "username", None) or viewer.NOBODY
 
 
+# The owner's tabs, hidden for everyone else. Gradio 6 hides a Tab's panel on a visible=False update but not
+# its button, so the page hides the buttons itself; the services refuse these actions to others anyway.
+OWNER_TABS_HIDDEN = "<style>#model-tab-button, #training-tab-button {display: none !important}</style>"
+
+
 def account_html(sign_in: SignIn | None, user: str) -> str:
     if sign_in is None or sign_in.accounts is None:
         return ""
     return (f'<span>Signed in as <b>{html.escape(sign_in.display_name(user))}</b></span> '
-            f'<a href="{LOGOUT_PATH}" id="logout-link">Sign out</a>')
+            f'<a href="{LOGOUT_PATH}" id="logout-link">Sign out</a>' + ("" if user == viewer.OWNER else OWNER_TABS_HIDDEN))
 
 
 def build_ui(services: Services, sign_in: SignIn | None = None) -> gr.Blocks:
@@ -93,7 +98,7 @@ def build_ui(services: Services, sign_in: SignIn | None = None) -> gr.Blocks:
     with ChatApp(title=TITLE, fill_width=True) as demo:
         demo.file_dirs = [str(services.scratch.files_dir)]
         conv = gr.State(None)  # the open conversation's id, shared by the sidebar and the chat tab
-        account = gr.HTML("", elem_id="account")
+        account = gr.HTML("", visible=False, elem_id="account")
         history = HistoryPanel(services, conv)
         banner = ModelTab.make_banner(services.models)
         with gr.Tabs(elem_id="tabs") as tabs:
@@ -120,7 +125,8 @@ def build_ui(services: Services, sign_in: SignIn | None = None) -> gr.Blocks:
             return {**history.refresh(conversation_id), **model.updates(), **chat.on_load(conversation_id),
                     **(training.on_load() if owner else {}), **opened,
                     model_tab: gr.Tab(visible=owner), training_tab: gr.Tab(visible=owner),
-                    account: account_html(sign_in, viewer.current()),
+                    account: gr.update(value=account_html(sign_in, viewer.current()),
+                                       visible=bool(sign_in and sign_in.accounts)),
                     chat.meter: chat.refresh_meter(conversation_id, value, max_new_tokens)}
 
         load_outputs = [account, model_tab, training_tab, history.list, history.rename_box, model.banner,
