@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import html
-import secrets
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -51,7 +51,9 @@ class Sessions:
     def __init__(self, token: str, valid_user=lambda user: True, seconds: float = SESSION_SECONDS):
         self._key = hashlib.sha256(b"dsvl session key\0" + token.encode()).digest()
         self.valid_user, self.seconds = valid_user, seconds
-        self._ended: dict[str, float] = {}  # signed out before expiry: cookie -> its expiry
+        # Signed out before expiry: cookie -> its expiry. Kept in memory: the browser deletes its cookie at sign-out,
+        # so only a copy taken before could be used again after a restart.
+        self._ended: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def start(self, user: str) -> str:
