@@ -394,3 +394,14 @@ def test_share_without_auth_gets_a_generated_password():
     with_auth = run_app.parse_args(["--share", "--auth", "ann:pw", "--auth", "ben:pw2"])
     accounts, password = run_app.make_accounts(with_auth)
     assert password is None and accounts.check("ben", "pw2") == "ben" and with_auth.auth == []
+
+
+def test_a_bad_auth_file_stops_the_start_with_the_reason(tmp_path, capsys):
+    import run_app
+
+    auth = tmp_path / "users.txt"
+    auth.write_text("alice:one\nbob\n")
+    data_dir = tmp_path / "data"
+    assert run_app.main(["--data-dir", str(data_dir), "--auth-file", str(auth), "--no-browser"]) == 2
+    assert "line 2: expected USER:PASS" in capsys.readouterr().err
+    assert not data_dir.exists()  # refused before anything was made
