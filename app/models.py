@@ -212,6 +212,7 @@ class ModelManager:
             info["hint"] = info["hint"] or d["advice"]
             info.update(backend=d["backend"], backends=d["backends"])
             info.update(device=d["device"], dtype=d["dtype"], quantization=d["quantized_as"],
+                        output_layer=d["output_layer"] if d["quantization"] != "none" else None,
                         memory_bytes=d["memory_bytes"], memory=_size(d["memory_bytes"]), context=d["context"],
                         image_size=d["image_size"])
         info["facts"] = self._facts(info)
@@ -225,6 +226,7 @@ class ModelManager:
         if info["status"] != "ready":
             return []
         facts = [("device", info["device"]), ("dtype", info["dtype"]), ("quantization", info["quantization"]),
+                 ("output layer", info.get("output_layer")),
                  ("memory", info["memory"]), ("decoding", info.get("backend")),
                  ("context", f"{info['context']} tokens" if info.get("context") else None),
                  ("image input", f"{info['image_size']} px" if info.get("image_size") else None)]

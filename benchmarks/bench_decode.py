@@ -65,13 +65,15 @@ def sharing(model: LlamaForCausalLM) -> LlamaForCausalLM:
     return twin.eval()
 
 
-def quantized_decoder(model: LlamaForCausalLM, kind) -> LlamaForCausalLM:
+def quantized_decoder(model: LlamaForCausalLM, kind, int8_head: bool = True) -> LlamaForCausalLM:
     """What `--load-8bit` (kind=Int8Linear) or `--load-4bit` (NF4Linear) give on a CPU: quantized decoder
-    linears; lm_head and embeddings stay bf16."""
+    linears, the lm_head as int8 rows (int8_head=False: in bf16, as with --full-output-layer); embeddings bf16."""
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
                 setattr(parent, name, kind(child))
+    if int8_head:
+        model.lm_head = Int8Linear(model.lm_head)
     upcast_matmuls(model)
     return model
 
@@ -197,6 +199,8 @@ def main():
     int8 = quantized_decoder(sharing(ours), Int8Linear)
     nf4 = quantized_decoder(sharing(ours), NF4Linear)
     int4 = quantized_decoder(sharing(ours), Int4Linear)
+    int8_bf16_head = quantized_decoder(sharing(ours), Int8Linear, int8_head=False)
+    nf4_bf16_head = quantized_decoder(sharing(ours), NF4Linear, int8_head=False)
     have_native = native.kernels() is not None
     if not have_native:
         print(f"native kernels not used: {native.status()}")
@@ -204,9 +208,11 @@ def main():
     engine_rows = {
         "engine, native GEMV + attention (the default)": (ours_native, True),
         "engine, PyTorch kernels only (DSVL_NATIVE=0)": (ours, False),
-        "engine, --load-8bit (int8 decoder, bf16 lm_head)": (int8, True),
+        "engine, --load-8bit (int8 decoder, int8 lm_head)": (int8, True),
+        "engine, --load-8bit --full-output-layer (bf16 lm_head)": (int8_bf16_head, True),
         "engine, --load-8bit, DSVL_NATIVE=0 (torch int8)": (int8, False),
-        "engine, --load-4bit (nf4 decoder, bf16 lm_head)": (nf4, True),
+        "engine, --load-4bit (nf4 decoder, int8 lm_head)": (nf4, True),
+        "engine, --load-4bit --full-output-layer (bf16 lm_head)": (nf4_bf16_head, True),
         "engine, --load-4bit, DSVL_NATIVE=0 (torch int4)": (int4, False),
         "engine, --quant-backend int4 (native attention etc.)": (int4, True),
     }
@@ -240,9 +246,9 @@ def main():
         print(f"first-step logits, {name} vs HF: max |diff| / max |HF| = {error:.2e}")
 
     gigabytes = sum(w.numel() * w.element_size() for w in decode_weights(ours)) / 1e9
-    bytes_read = {name: sum(t.numel() * t.element_size() for m in decode_modules(run.model) for t in m.buffers())
-                  / 1e9 + ours.lm_head.weight.numel() * 2 / 1e9
-                  for name, run in runs.items() if "--load" in name or "int4" in name}
+    bytes_read = {name: sum(t.numel() * t.element_size()
+                            for m in [*decode_modules(run.model), run.model.lm_head] for t in [*m.buffers(), *m.parameters()])
+                  / 1e9 for name, run in runs.items() if "--load" in name or "int4" in name}
     print(f"\nCPU: {cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {datetime.datetime.now():%Y-%m-%d %H:%M}, "
           f"1-min load average before the run {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")

@@ -30,6 +30,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant-backend", choices=["auto", "bitsandbytes", "int8", "nf4", "int4"], default="auto",
                         help="who quantizes (default auto: the engine's int8/nf4 kernels on CPU, int4 for 4-bit "
                              "without native kernels, bitsandbytes on GPU)")
+    parser.add_argument("--full-output-layer", action="store_true",
+                        help="keep the output layer (lm_head) in the compute dtype when quantizing on a CPU "
+                             "(default: int8 rows, about 0.2 GB less to read per token on the 1.3B)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: by device)")
 
@@ -44,7 +47,8 @@ def load_runtime(args):
             print(f"\rloading {stage}: {done}/{total}", end="", file=sys.stderr, flush=True)
 
     runtime = Runtime.load(args.model, device=args.device, dtype=args.dtype, quantization=quantization,
-                           quant_backend=args.quant_backend, progress=progress)
+                           quant_backend=args.quant_backend, progress=progress,
+                           quantize_output=False if args.full_output_layer else None)
     info = runtime.describe()
     print(f"\r{info['model']} on {info['device']} ({info['dtype']}, quantization {info['quantized_as']}, "
           f"{info['memory_bytes'] / 2**20:.0f} MiB; {info['backend']})", file=sys.stderr)

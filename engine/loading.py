@@ -38,11 +38,11 @@ class LoadCancelled(LoadError):
 @dataclass
 class LinearSwap:
     """Replace some nn.Linear modules as their weights arrive (quantization), so that the full-precision copy of
-    a quantized model never exists at once: `selects(module_name)` picks them, `build(linear)` makes the
-    replacement from a loaded nn.Linear on the CPU."""
+    a quantized model never exists at once: `selects(module_name)` picks them, `build(module_name, linear)` makes
+    the replacement from a loaded nn.Linear on the CPU."""
 
     selects: Callable[[str], bool]
-    build: Callable[[torch.nn.Linear], torch.nn.Module]
+    build: Callable[[str, torch.nn.Linear], torch.nn.Module]
 
 
 @dataclass
@@ -200,7 +200,7 @@ def load_model(
             if len(pending[module_name]) == len(dict(to_swap[module_name].named_parameters())):
                 linear = to_swap.pop(module_name)  # dropped with its full-precision weights once replaced
                 linear.load_state_dict(pending.pop(module_name), strict=True, assign=True)
-                set_module(model, module_name, swap.build(linear))
+                set_module(model, module_name, swap.build(module_name, linear))
                 del linear, tensor
         else:
             state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)

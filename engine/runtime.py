@@ -15,7 +15,7 @@ from .loading import LoadError, Progress, load_model
 from .model.config import VLConfig
 from .model.vlm import DeepSeekVL
 from .processing import VLChatProcessor
-from .quantize import linear_swap, pick_backend
+from .quantize import OUTPUT_LAYER, linear_swap, pick_backend, quantizes_output
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -62,7 +62,7 @@ def model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def estimate_bytes(config: VLConfig, dtype: torch.dtype, quantization: str | None) -> int:
+def estimate_bytes(config: VLConfig, dtype: torch.dtype, quantization: str | None, output_int8: bool = False) -> int:
     """What loading will need, to refuse early with a useful message."""
     from .loading import build_model
 
@@ -73,6 +73,8 @@ def estimate_bytes(config: VLConfig, dtype: torch.dtype, quantization: str | Non
         bits = 8 * size
         if quantization and ".layers." in name and name.startswith("language_model.model") and p.dim() == 2:
             bits = 4.5 if quantization == "4bit" else 8
+        elif output_int8 and name == OUTPUT_LAYER + ".weight":
+            bits = 8
         total += int(p.numel() * bits / 8)
     return total
 
@@ -100,6 +102,7 @@ class Runtime:
     dtype: torch.dtype
     quantization: str | None
     quant_backend: str | None = None  # "bitsandbytes", "int8", "nf4" or "int4" when quantized
+    output_int8: bool = False  # the output layer stored as int8 rows (engine.quantize)
 
     @classmethod
     def load(
@@ -110,6 +113,7 @@ class Runtime:
         dtype: str | None = None,
         quantization: str | None = None,
         quant_backend: str = "auto",
+        quantize_output: bool | None = None,
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
         check_memory: bool = True,
@@ -119,9 +123,10 @@ class Runtime:
         dev = pick_device(device)
         dt = pick_dtype(dev, dtype, quantization)
         backend = pick_backend(quantization, dev, quant_backend) if quantization else None
+        output_int8 = quantizes_output(backend, quantize_output) if quantization else False
         directory = resolve_directory(source)
         config, _ = read_config(directory)
-        need = estimate_bytes(config, dt, quantization)
+        need = estimate_bytes(config, dt, quantization, output_int8)
         have = available_bytes(dev)
         if check_memory and have is not None and need > have:
             hint = "" if quantization == "4bit" else " Try --load-4bit (or --load-8bit) to quantize the language model."
@@ -129,7 +134,7 @@ class Runtime:
                             f"but only {have / 2**30:.1f} GiB is free.{hint}")
         # Quantized layers are built on the CPU as each one's weights are read (only one layer's full-precision
         # weights exist at a time); bitsandbytes layers move to the GPU as they are built, the rest at the end.
-        swap = linear_swap(quantization, dt, dev, backend)[0] if quantization else None
+        swap = linear_swap(quantization, dt, dev, backend, output_int8)[0] if quantization else None
         loaded = load_model(directory, dtype=dt, device="cpu" if quantization else dev, progress=progress,
                             cancel=cancel, swap=swap)
         model = loaded.model
@@ -141,7 +146,7 @@ class Runtime:
             native.kernels()  # compile the decode kernels now (about a second, once), not at the first token
         processor = VLChatProcessor.from_pretrained(directory, num_image_tokens=config.num_image_tokens)
         return cls(model=model, processor=processor, config=config, directory=directory, name=_display_name(source, directory),
-                   device=dev, dtype=dt, quantization=quantization, quant_backend=backend)
+                   device=dev, dtype=dt, quantization=quantization, quant_backend=backend, output_int8=output_int8)
 
     def advice(self) -> str | None:
         """A hint when the chosen setup is known to be slow, else None."""
@@ -168,6 +173,7 @@ class Runtime:
             "quantization": self.quantization or "none",
             "quant_backend": self.quant_backend or "none",
             "quantized_as": f"{self.quantization} ({self.quant_backend})" if self.quantization else "none",
+            "output_layer": "int8" if self.output_int8 else str(self.dtype).removeprefix("torch."),
             "advice": self.advice(),
             "backend": self.backend(),
             "backends": self.backends(),

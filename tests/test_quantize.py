@@ -1,5 +1,7 @@
 """4/8-bit quantization of the language model on the CPU: real bitsandbytes, and the engine's int8/NF4/int4 kernels."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -46,11 +48,15 @@ def test_quantized_load(full, mode, backend, linear_type, similarity):
     layers = quant.model.language_model.model.layers
     quantized = [m for m in layers.modules() if type(m).__name__ == linear_type]
     assert len(quantized) == 7 * len(layers)  # q, k, v, o, gate, up, down
-    # Everything outside the decoder layers stays in the compute dtype.
+    # Everything outside the decoder layers stays in the compute dtype, except the output layer, which the CPU
+    # backends store as int8 rows (engine.quantize).
     for module in (quant.model.vision_model, quant.model.aligner):
         assert all(p.dtype == torch.bfloat16 for p in module.parameters())
-    assert isinstance(quant.model.language_model.lm_head, nn.Linear)
-    assert quant.model.language_model.lm_head.weight.dtype == torch.bfloat16
+    head = quant.model.language_model.lm_head
+    if backend == "bitsandbytes":
+        assert isinstance(head, nn.Linear) and head.weight.dtype == torch.bfloat16
+    else:
+        assert isinstance(head, Int8Linear)
     assert quant.model.language_model.model.embed_tokens.weight.dtype == torch.bfloat16
 
     assert model_bytes(quant.model) < model_bytes(full.model)
@@ -126,7 +132,7 @@ def test_loading_quantizes_layer_by_layer_without_a_full_precision_copy():
 
     alive_at_build, seen = [], []
 
-    def build(linear):
+    def build(name, linear):
         gc.collect()
         # Every full-precision weight quantized before this one has been freed already.
         alive_at_build.append(sum(ref() is not None for ref in seen))
@@ -140,3 +146,46 @@ def test_loading_quantizes_layer_by_layer_without_a_full_precision_copy():
     assert all(ref() is None for ref in seen)
     assert all(isinstance(m, Int8Linear) for layer in layers for m in (layer.self_attn.o_proj, layer.mlp.up_proj))
     assert isinstance(model.language_model.lm_head, nn.Linear)  # not selected: loaded as usual
+
+
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_int8_output_layer_keeps_the_demo_models_logits_and_answers(mode):
+    """The output layer as int8 rows (the CPU default, engine.quantize): the bound on the logits, and the demo's
+    greedy answers to its examples unchanged."""
+    from engine.chat import ChatSession
+    from engine.demo import DEMO_DIR, EXAMPLES_DIR
+    from engine.generation import SamplingParams
+    from engine.runtime import Runtime
+
+    full = Runtime.load(DEMO_DIR, quantization=mode, quantize_output=False)
+    int8 = Runtime.load(DEMO_DIR, quantization=mode)
+    assert (full.describe()["output_layer"], int8.describe()["output_layer"]) == ("bfloat16", "int8")
+    assert isinstance(int8.model.language_model.lm_head, Int8Linear)
+    ids = torch.tensor([full.processor.tokenizer("There are three red circles. What colour are the shapes? "
+                                                 "The shapes are red, and the word is apple.")["input_ids"]])
+    with torch.no_grad():
+        a = full.model.language_model(input_ids=ids).logits.float().log_softmax(-1)
+        b = int8.model.language_model(input_ids=ids).logits.float().log_softmax(-1)
+    kl = (a.exp() * (a - b)).sum(-1)  # per position; measured at most 5e-4 (8-bit and 4-bit alike)
+    assert kl.max() < 2e-3 and (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.95
+    for item in json.loads((EXAMPLES_DIR / "examples.json").read_text()):
+        answers = []
+        for runtime in (full, int8):
+            session = ChatSession(runtime)
+            session.add_user(item["question"], [str(EXAMPLES_DIR / p) for p in item["images"]], reserve=48)
+            answers.append(session.answer(SamplingParams(max_new_tokens=48)))
+        assert answers[0] == answers[1], item
+
+
+def test_output_layer_is_quantized_by_the_cpu_backends_only():
+    from engine.quantize import QuantizationError, linear_swap, quantizes_output
+
+    assert quantizes_output("int8") and quantizes_output("nf4") and quantizes_output("int4")
+    assert not quantizes_output("bitsandbytes") and not quantizes_output("int8", False)
+    with pytest.raises(QuantizationError, match="CPU backends only"):
+        quantizes_output("bitsandbytes", True)
+    swap, _ = linear_swap("4bit", torch.bfloat16, "cpu", "int4")
+    assert swap.selects("language_model.lm_head") and swap.selects("language_model.model.layers.0.mlp.up_proj")
+    assert not swap.selects("language_model.model.embed_tokens") and not swap.selects("aligner.layers.0")
+    head = swap.build("language_model.lm_head", torch.nn.Linear(64, 256, bias=False))
+    assert isinstance(head, Int8Linear)  # int8 rows whatever the mode
