@@ -199,6 +199,8 @@ class AppClient:
         try:
             with urllib.request.urlopen(self.base_url(), timeout=5):
                 return True
+        except urllib.error.HTTPError:  # an answer, even "sign in first" (app.gate): the app is there
+            return True
         except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
             return False
 

@@ -373,3 +373,26 @@ def test_pressing_the_shortcut_stores_the_screen_in_the_running_app(xvfb, tmp_pa
         if listener is not None:
             stop_process(listener)
         stop_process(app)
+
+
+def test_an_app_that_asks_for_a_sign_in_counts_as_running(tmp_path):
+    """The app's pages answer 401 to a caller without a session (app.gate): the listener must not take that for
+    an app that is not running."""
+    import http.server
+
+    class SignInFirst(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), SignInFirst)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert AppClient(tmp_path, f"http://127.0.0.1:{server.server_port}/").reachable()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not AppClient(tmp_path, f"http://127.0.0.1:{server.server_port}/").reachable()
