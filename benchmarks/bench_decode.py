@@ -38,9 +38,9 @@ CONFIG = dict(vocab_size=102400, hidden_size=2048, intermediate_size=5632, num_h
               rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
 
 
-def build(dtype=torch.bfloat16):
-    """(HF model, ours) sharing one set of random weights."""
-    cfg = LlamaConfig(**CONFIG)
+def build(dtype=torch.bfloat16, config: dict = CONFIG):
+    """(HF model, ours) sharing one set of random weights (seeded: the same weights every time)."""
+    cfg = LlamaConfig(**config)
     with init_empty_weights():  # parameters and buffers on the meta device: nothing allocated
         hf = HFLlama(cfg)
     hf.to_empty(device="cpu")
