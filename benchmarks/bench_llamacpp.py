@@ -15,7 +15,8 @@ What is measured, per row:
   -d 600` (64 tokens after filling 600); ours and transformers: bench_decode.py's `Decoder` on its random
   600-token caches, --steps steps after --warmup.
 llama.cpp runs with -t --threads, torch with set_num_threads(--threads). llama-quantize keeps its defaults
-(Q4_0 and Q4_K_M quantize the output matrix to Q6_K; ours keeps the lm_head bf16 in every precision).
+(Q8_0 keeps the output matrix in Q8_0, Q4_0 and Q4_K_M make it Q6_K; ours stores it as int8 rows in the 8-bit
+and 4-bit rows, as the engine's CPU backends do by default, and in bf16 in the bf16 row).
 
 llama.cpp comes from benchmarks/setup_llamacpp.sh (binaries under .bench-cache/llama.cpp/build/bin, or
 --llama-cpp DIR); without it the llama.cpp columns say so and the rest still runs. The GGUFs go to
