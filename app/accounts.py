@@ -91,9 +91,6 @@ class Accounts:
         self.owner_name = pairs[0][0]
         self._dummy = _Account("", secrets.token_bytes(16), b"\0" * SCRYPT["dklen"])
 
-    def __len__(self) -> int:
-        return len(self._accounts)
-
     def check(self, name: str, password: str) -> str | None:
         """The signed-in user (OWNER for the first account, else the name), or None when the name or password
         is wrong. An unknown name costs the same scrypt as a known one, so timing tells nothing."""

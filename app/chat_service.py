@@ -574,11 +574,13 @@ class ChatService:
             raise ChatError(f"{label}: {e}") from None
 
     def _conversation(self, conversation_id: str) -> dict:
-        self._check_mine(conversation_id)
         try:
-            return self.store.get_conversation(conversation_id)
+            conversation = self.store.get_conversation(conversation_id)
         except StoreError:
             raise ChatError(NO_SUCH_CONVERSATION) from None
+        if conversation["owner"] != viewer.current():  # answered as one that does not exist
+            raise ChatError(NO_SUCH_CONVERSATION)
+        return conversation
 
     def _check_mine(self, conversation_id: str) -> None:
         """Another user's conversation is answered as one that does not exist: its id tells nothing."""

@@ -41,6 +41,7 @@ FILE_ROUTES = ("/gradio_api/file=", "/gradio_api/file/", "/file=", "/file/")
 # Gradio routes this app never uses and that reach beyond it (a URL proxy for Hugging Face Spaces).
 CLOSED_PREFIXES = ("/gradio_api/proxy=", "/proxy=")
 MAX_LOGIN_BODY = 16 * 1024
+USE_PRINTED_ADDRESS = "Open the address the app printed when it started: it carries this install's token."
 
 
 class Sessions:
@@ -107,18 +108,16 @@ class SignIn:
             return OWNER
         return self.sessions.user(request.cookies.get(self.cookie))
 
-    def login(self, name: str, password: str) -> tuple[str | None, str]:
-        """(session key or None, message for the page)."""
-        if self.accounts is None:
-            return None, "This app has no accounts: open the address it printed when it started."
+    def login(self, name: str, password: str) -> tuple[str | None, str, int]:
+        """(session key or None, message for the page, HTTP status) for a password sign-in (accounts set up)."""
         wait = self.limiter.wait(name)
         if wait > 0:
-            return None, f"Too many failed sign-ins; try again in {max(1, round(wait / 60))} minute(s)."
+            return None, f"Too many failed sign-ins; try again in {max(1, round(wait / 60))} minute(s).", 429
         user = self.accounts.check(name, password)
         if user is None:
             self.limiter.failed(name)
-            return None, "Wrong user name or password."
-        return self.sessions.start(user), ""
+            return None, "Wrong user name or password.", 401
+        return self.sessions.start(user), "", 303
 
     def display_name(self, user: str) -> str:
         if self.accounts is not None:
@@ -202,20 +201,18 @@ class Gate:
     async def login(self, request: Request) -> Response:
         target = _safe_next(request.query_params.get("next"))
         if self.sign_in.accounts is None:
-            return _page("Sign in", "Open the address the app printed when it started: it carries this "
-                         "install's token.", 401)
+            return _page("Sign in", USE_PRINTED_ADDRESS, 401)
         if request.method != "POST":
             return login_page(target)
         body = await request.body()
         if len(body) > MAX_LOGIN_BODY:
             return login_page(target, "That sign-in form is too large.", 413)
         form = dict(parse_qsl(body.decode("utf-8", "replace")))
-        name, password = form.get("username", "").strip(), form.get("password", "")
-        key, message = self.sign_in.login(name, password)
+        target = _safe_next(form.get("next")) or target
+        key, message, status = self.sign_in.login(form.get("username", "").strip(), form.get("password", ""))
         if key is None:
-            return login_page(_safe_next(form.get("next")) or target, message,
-                              429 if message.startswith("Too many") else 401)
-        response = RedirectResponse(_safe_next(form.get("next")) or target or "/", status_code=303)
+            return login_page(target, message, status)
+        response = RedirectResponse(target or "/", status_code=status)
         self._set_cookie(response, request, key)
         return response
 
@@ -226,8 +223,7 @@ class Gate:
             next_path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             return RedirectResponse(f"{LOGIN_PATH}?next={quote(next_path, safe='')}", status_code=303)
         if wants_page:
-            return _page("Sign in", "Open the address the app printed when it started: it carries this "
-                         "install's token (the tab the app opened at start has it already).", 401)
+            return _page("Sign in", USE_PRINTED_ADDRESS + " (The tab the app opened at start has it already.)", 401)
         return JSONResponse({"detail": "Not signed in."}, status_code=401)
 
     def _set_cookie(self, response: Response, request: Request, key: str) -> None:

@@ -44,12 +44,18 @@ class HistoryService:
 
     def get(self, conversation_id: str | None) -> Conversation | None:
         """The conversation, or None when there is none by that id (deleted meanwhile, in another tab)."""
-        if not self.is_mine(conversation_id):
+        row = self._row(conversation_id)
+        return Conversation.from_row(row) if row else None
+
+    def _row(self, conversation_id: str | None) -> dict | None:
+        """The store's conversation with its messages, when it exists and is the asking user's."""
+        if not conversation_id:
             return None
         try:
-            return Conversation.from_row(self.store.get_conversation(conversation_id))
+            row = self.store.get_conversation(conversation_id)
         except StoreError:
             return None
+        return row if row["owner"] == viewer.current() else None
 
     def is_mine(self, conversation_id: str | None) -> bool:
         """Whether this conversation exists and belongs to the user asking."""
@@ -90,11 +96,8 @@ class HistoryService:
     def written_elsewhere(self, conversation_id: str | None) -> bool:
         """True while another app instance on this data folder is writing an answer in this conversation (the
         page follows it until it is done). An answer whose writer died meanwhile is marked stopped here."""
-        conversation_id = conversation_id if self.is_mine(conversation_id) else None
-        try:
-            messages = self.store.get_conversation(conversation_id)["messages"] if conversation_id else []
-        except StoreError:
-            return False
+        row = self._row(conversation_id)
+        messages = row["messages"] if row else []
         writers = {m["owner"] for m in messages if m["status"] == "streaming"} - {self.store.instance_id}
         live = {w for w in writers if self.store.is_alive(w)}
         if writers - live:
