@@ -37,6 +37,13 @@ def require_module(name: str):
         require(False, f"cannot import {name}: {e}")
 
 
+def app_env(**extra: str) -> dict[str, str]:
+    """The environment a test gives run_app.py: headless (no display), offline, unbuffered output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
 def stop_process(process, timeout: float = 10) -> None:
     """Terminate a server started by a test; kill it if it does not exit in time."""
     import subprocess

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from app.store import Store
 from engine.chat import ChatSession, Turn, USER, ASSISTANT
 from engine.generation import SamplingParams
 
-from conftest import require_module, stop_process
+from conftest import app_env, require_module, stop_process
 
 openai = require_module("openai")
 httpx = require_module("httpx")
@@ -52,8 +51,7 @@ def running_app(data_dir: Path, model: Path, *flags: str):
     """run_app.py on `model` with an API key; its base URL once the model is ready."""
     log_path = data_dir.parent / f"{data_dir.name}-server.log"
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env = app_env()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "run_app.py", "--no-browser", "--port", str(port), "--data-dir",
                                  str(data_dir), "--model", str(model), "--api-key", KEY, *flags], cwd=REPO, env=env,

@@ -34,7 +34,7 @@ from app.models import ModelManager
 from app.store import Store
 from engine.demo import DEMO_DIR
 
-from conftest import require, require_module, stop_process
+from conftest import app_env, require, require_module, stop_process
 from test_screen_capture import ensure_tool, set_root_colour, xvfb  # noqa: F401  (xvfb: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -303,8 +303,7 @@ def free_port() -> int:
 
 def start_app(data_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
     """run_app.py on the demo model, headless (the app needs no display; the listener does)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env = app_env()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "run_app.py", "--no-browser", "--port", str(port),
                                  "--data-dir", str(data_dir)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

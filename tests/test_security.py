@@ -14,8 +14,6 @@ import json
 import os
 import re
 import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from app.store import Store, StoreError
 from app.viewer import OWNER
 
 from conftest import stop_process
-from test_ui_browser import STARTUP_TIMEOUT_S, TIMEOUT_MS, _free_port, browser  # noqa: F401 (fixture)
+from test_ui_browser import TIMEOUT_MS, _free_port, browser, start_server  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,22 +178,7 @@ def test_files_are_served_to_their_owner_only(tmp_path):
 # ---------------------------------------------------------------------- a real server with two accounts
 def start(data_dir: Path, log_path: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "run_app.py", "--no-browser", "--port", str(port), "--data-dir",
-                                 str(data_dir), *flags], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"run_app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        if "Press Ctrl+C" in log_path.read_text():
-            return proc, url
-        if time.monotonic() > deadline:
-            stop_process(proc)
-            pytest.fail(f"run_app.py did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.25)
+    return start_server(data_dir, port, log_path, flags=flags), f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from PIL import Image
 from app.install_token import with_token
 from app.store import Store
 
-from conftest import require, require_module, stop_process
+from conftest import app_env, require, require_module, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("DSVL_CHROMIUM", "/usr/bin/chromium")
@@ -50,16 +50,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path, port: int, log_path: Path, model: Path | None = None,
+def start_server(data_dir: Path, port: int, log_path: Path, model: Path | None = None, flags: tuple[str, ...] = (),
                  **env_vars: str) -> subprocess.Popen:
-    """run_app.py on `model` (default: the embedded demo), headless (no DISPLAY), answering at
-    http://127.0.0.1:<port>/ on return."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **env_vars)
+    """run_app.py on `model` (default: the embedded demo) with more `flags`, headless (no DISPLAY), answering at
+    http://127.0.0.1:<port>/ on return, its start-up message printed."""
+    env = app_env(**env_vars)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "run_app.py", "--no-browser", "--port", str(port), "--data-dir", str(data_dir),
-             *(["--model", str(model)] if model else [])],
+             *(["--model", str(model)] if model else []), *flags],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -71,7 +70,7 @@ def start_server(data_dir: Path, port: int, log_path: Path, model: Path | None =
                 token = (data_dir / "install-token").read_text().strip()
                 request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
                 with urllib.request.urlopen(request, timeout=2) as response:
-                    if response.status == 200:
+                    if response.status == 200 and "Press Ctrl+C" in log_path.read_text():  # and said so
                         TOKENS[urlsplit(url).netloc] = token
                         return proc
             except OSError:
