@@ -169,6 +169,19 @@ def profile(decoder: Decoder, label: str, steps: int = 5):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 
 
+def round_robin(runs: dict, warmup: int, steps: int) -> dict[str, list[float]]:
+    """Seconds of each call after `warmup`, one call of each in turn: the machine's load drifts, and this way
+    every row sees the same drift."""
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(warmup + steps):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            if i >= warmup:
+                results[name].append(time.perf_counter() - t)
+    return results
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -230,14 +243,7 @@ def main():
     errors = {name: product_error(model, ours, use_native) for name, (model, use_native) in engine_rows.items()}
     if args.only in ("hf", "ours"):
         runs = {name: run for name, run in runs.items() if (args.only == "hf") == name.startswith("transformers")}
-    # Round-robin, one step each: the machine's load drifts, and this way every row sees the same drift.
-    results: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(args.warmup + args.steps):
-        for name, run in runs.items():
-            t = time.perf_counter()
-            run()
-            if i >= args.warmup:
-                results[name].append(time.perf_counter() - t)
+    results = round_robin(runs, args.warmup, args.steps)
     decoders = {name: run for name, run in runs.items() if isinstance(run, Decoder)}
     reference = decoders.pop("transformers LlamaForCausalLM + DynamicCache", None)
     for name, run in decoders.items() if reference else ():
@@ -246,9 +252,11 @@ def main():
         print(f"first-step logits, {name} vs HF: max |diff| / max |HF| = {error:.2e}")
 
     gigabytes = sum(w.numel() * w.element_size() for w in decode_weights(ours)) / 1e9
-    bytes_read = {name: sum(t.numel() * t.element_size()
-                            for m in [*decode_modules(run.model), run.model.lm_head] for t in [*m.buffers(), *m.parameters()])
-                  / 1e9 for name, run in runs.items() if "--load" in name or "int4" in name}
+    def stored(m: torch.nn.Module) -> int:  # bytes of a layer as stored: packed weights and scales
+        return sum(t.numel() * t.element_size() for t in [*m.buffers(), *m.parameters()])
+
+    bytes_read = {name: sum(map(stored, [*decode_modules(run.model), run.model.lm_head])) / 1e9
+                  for name, run in runs.items() if "--load" in name or "int4" in name}
     print(f"\nCPU: {cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {datetime.datetime.now():%Y-%m-%d %H:%M}, "
           f"1-min load average before the run {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")

@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 import gguf  # noqa: E402
 
 from benchmarks.bench_decode import (CONFIG, Decoder, build, cpu_name, filled_caches,  # noqa: E402
-                                     quantized_decoder, sharing)
+                                     quantized_decoder, round_robin, sharing)
 from benchmarks.bench_engine import median_time  # noqa: E402
 from engine.kernels import native  # noqa: E402
 from engine.kernels.bf16 import native_bf16, upcast_matmuls  # noqa: E402
@@ -197,13 +197,7 @@ def prefill_tok_s(prefill, model, args) -> float:
 
 def decode_tok_s(decoders: dict[str, Decoder], args) -> dict[str, float]:
     """Median tokens/s per decoder, timed one step each in turn (as bench_decode.py: all see the same drift)."""
-    times: dict[str, list[float]] = {name: [] for name in decoders}
-    for i in range(args.warmup + args.steps):
-        for name, decoder in decoders.items():
-            t = time.perf_counter()
-            decoder()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t)
+    times = round_robin(decoders, args.warmup, args.steps)
     return {name: 1 / statistics.median(t) for name, t in times.items()}
 
 

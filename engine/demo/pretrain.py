@@ -56,6 +56,19 @@ def _cosine(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def _reporting(step: int, steps: int) -> bool:
+    return (step + 1) % 25 == 0 or step + 1 == steps
+
+
+def _report(records: list[dict], log: Callable[[str], None], kind: str, step: int, steps: int,
+            loss: torch.Tensor, t0: float, extra: dict | None = None) -> None:
+    """One progress record (kept for pretrain.jsonl, and logged as key=value)."""
+    record = {"type": kind, "step": step + 1, "steps": steps, "loss": round(loss.item(), 4), **(extra or {}),
+              "seconds": round(time.perf_counter() - t0, 1)}
+    records.append(record)
+    log(" ".join(f"{k}={v}" for k, v in record.items()))
+
+
 def pretrain_vision(model: DeepSeekVL, processor: VLChatProcessor, steps: int, batch: int, seed: int,
                     log: Callable[[str], None] = print, lr: float = 1e-3) -> list[dict]:
     """Train `model.vision_model` in place on freshly drawn scenes; returns one record per logged step."""
@@ -84,15 +97,12 @@ def pretrain_vision(model: DeepSeekVL, processor: VLChatProcessor, steps: int, b
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if (step + 1) % 25 == 0 or step + 1 == steps:
+        if _reporting(step, steps):
             # The image's answer: the vote of its tokens (mean of their log-probabilities).
-            accuracy = {a: float((lg.log_softmax(-1).mean(1).argmax(-1) == labels[:, i]).float().mean())
-                        for i, (a, lg) in enumerate(zip(ATTRIBUTES, logits))}
-            record = {"type": "pretrain_vision", "step": step + 1, "steps": steps, "loss": round(loss.item(), 4),
-                      **{f"acc_{a}": round(v, 3) for a, v in accuracy.items()},
-                      "seconds": round(time.perf_counter() - t0, 1)}
-            records.append(record)
-            log(" ".join(f"{k}={v}" for k, v in record.items()))
+            votes = [lg.log_softmax(-1).mean(1).argmax(-1) for lg in logits]  # [B] per attribute
+            accuracy = {f"acc_{a}": round(float((v == labels[:, i]).float().mean()), 3)
+                        for i, (a, v) in enumerate(zip(ATTRIBUTES, votes))}
+            _report(records, log, "pretrain_vision", step, steps, loss, t0, accuracy)
     tower.eval()
     return records
 
@@ -122,10 +132,7 @@ def pretrain_language(model: DeepSeekVL, processor: VLChatProcessor, texts: list
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         optimizer.step()
-        if (step + 1) % 25 == 0 or step + 1 == steps:
-            record = {"type": "pretrain_language", "step": step + 1, "steps": steps, "loss": round(loss.item(), 4),
-                      "seconds": round(time.perf_counter() - t0, 1)}
-            records.append(record)
-            log(" ".join(f"{k}={v}" for k, v in record.items()))
+        if _reporting(step, steps):
+            _report(records, log, "pretrain_language", step, steps, loss, t0)
     lm.eval()
     return records
