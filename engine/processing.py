@@ -169,24 +169,31 @@ class ImageProcessor:
     def __init__(self, config: ImageProcessorConfig):
         self.config = config
 
-    def square(self, img: Image.Image) -> Image.Image:
-        """Long side to image_size (bicubic, floors, min_size), then centred padding to a square."""
+    def frame(self, w: int, h: int) -> tuple[int, int, int, int]:
+        """Where a w x h image lands in the square: its resized size and its offset (new_w, new_h, x, y)."""
+        c = self.config
+        m = max(w, h)
+        new_h = max(int(h / m * c.image_size), c.min_size)
+        new_w = max(int(w / m * c.image_size), c.min_size)
+        x, y = (0, (new_w - new_h) // 2) if new_w > new_h else ((new_h - new_w) // 2, 0)
+        return new_w, new_h, x, y
+
+    def square(self, img: Image.Image, resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+        """Long side to image_size (bicubic, floors, min_size), then centred padding to a square. (`resample`: the
+        demo's pretraining puts label maps through the same geometry with NEAREST.)"""
         c = self.config
         if img.mode != "RGB":
             img = _to_rgb(img)
         w, h = img.size
         if w <= 0 or h <= 0:
             raise ImageError(f"The image has zero size ({w}x{h}).")
-        m = max(w, h)
-        new_h = max(int(h / m * c.image_size), c.min_size)
-        new_w = max(int(w / m * c.image_size), c.min_size)
+        new_w, new_h, x, y = self.frame(w, h)
         # torchvision's resize of a PIL image is exactly this PIL call.
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        img = img.resize((new_w, new_h), resample)
         if new_w == new_h:
             return img
-        side = max(new_w, new_h)
-        out = Image.new("RGB", (side, side), c.background_color)
-        out.paste(img, (0, (new_w - new_h) // 2) if new_w > new_h else ((new_h - new_w) // 2, 0))
+        out = Image.new("RGB", (max(new_w, new_h),) * 2, c.background_color)
+        out.paste(img, (x, y))
         return out
 
     def to_tensor(self, square: Image.Image) -> torch.Tensor:

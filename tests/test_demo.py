@@ -44,6 +44,36 @@ def test_drawn_image_shows_the_scene():
         assert image.getpixel(((x0 + x1) // 2, (y0 + y1 * 3) // 4)) == world.COLORS["blue"]
 
 
+def test_patch_targets_mark_each_shape_where_the_processed_image_shows_it():
+    """The vision pretraining's per-patch targets: fractions per patch, one centre per shape (in the patch of the
+    processed image that shows it), the word's pixels as word, nothing of another shape."""
+    import torch
+
+    from engine.demo.pretrain import patch_targets
+    from engine.processing import VLChatProcessor
+
+    images = VLChatProcessor.from_pretrained(DEMO_DIR).image_processor
+    size, patch = images.config.image_size, 32
+    rng, vocabulary = random.Random(4), world.words()
+    for _ in range(20):
+        scene = world.random_scene(rng, vocabulary, word=True)
+        cover, centre = patch_targets(scene, images, patch)
+        assert cover.shape == ((size // patch) ** 2, len(world.LABELS))
+        assert torch.allclose(cover.sum(1), torch.ones(len(cover)))
+        own = world.LABELS.index(scene.shape)
+        assert all(cover[:, i].sum() == 0 for i in range(1, 1 + len(world.SHAPES)) if i != own)
+        assert cover[:, own].sum() > 0 and cover[:, world.LABELS.index("word")].sum() > 0
+        # Two centres can fall in one patch: then one mark stands for both.
+        assert 1 <= int((centre > 0).sum()) <= scene.count and set(centre.unique().tolist()) <= {0, own}
+        marked = images.to_tensor(images.square(world.draw(scene)))  # the mark sits where the shape's colour is
+        rows = (centre > 0).nonzero().flatten().tolist()
+        grid = size // patch
+        for r in rows:
+            tile = marked[:, (r // grid) * patch:(r // grid + 1) * patch, (r % grid) * patch:(r % grid + 1) * patch]
+            colour = (torch.tensor(world.COLORS[scene.color]) / 127.5 - 1).view(3, 1, 1)
+            assert ((tile - colour).abs().amax(0) < 0.05).any(), (scene, r)
+
+
 def test_every_answer_names_its_answer_and_no_rival():
     rng, vocabulary = random.Random(2), world.words()
     for _ in range(50):
@@ -77,6 +107,22 @@ def test_generated_files_are_valid_training_and_eval_data(tmp_path):
     questions = [json.loads(line) for line in world.questions(tmp_path / "eval", 1, seed=10).read_text().splitlines()]
     assert sorted(q["kind"] for q in questions) == sorted(world.SINGLE + world.PAIR)
     assert all(names(q["answer"], q["expected"]) for q in questions)
+
+
+def test_files_sharing_a_directory_keep_their_own_images(tmp_path):
+    """Captions and conversations share train/ (and questions and multi-choice eval/): each file's images must be
+    those it was written with, not the next file's written over them."""
+    def images_of(path):
+        return [i for line in path.read_text().splitlines() for t in json.loads(line)["conversations"]
+                for i in t.get("images", [])]
+
+    caps = world.captions(tmp_path / "shared", 5, seed=6)
+    world.conversations(tmp_path / "shared", 8, seed=5)
+    world.multiple_choice(tmp_path / "shared", 4, seed=9)
+    alone = world.captions(tmp_path / "alone", 5, seed=6)
+    assert images_of(caps) == images_of(alone)
+    for name in images_of(caps):
+        assert (tmp_path / "shared" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes(), name
 
 
 def test_make_demo_smoke_builds_a_model_that_loads(tmp_path):

@@ -63,7 +63,7 @@ class Budget:
     text_sft: int = 1000
     eval_per_kind: int = 40
     mc: int = 60
-    vision_steps: int = 1500
+    vision_steps: int = 5000
     vision_batch: int = 32
     described: int = 12000  # conversations with the images in words, for the LLM's pretraining
     lm_steps: int = 800

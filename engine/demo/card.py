@@ -48,8 +48,9 @@ def write_card(path: Path, budget, seed: int, result: dict, ablations: list[dict
         "white or light grey, 64–1024 px a side, up to 4:1; questions about colour, shape, count, the word, a description, "
         "and two-image comparisons; a text corpus and text-only question/answer pairs.",
         "2. Pretraining (the paper starts from a pretrained SigLIP and LLM; so does the demo): the vision tower "
-        "predicts colour, shape, count and word through attention-pooling heads that are then dropped; the LLM "
-        "learns next-token prediction on the text corpus.",
+        "predicts, per patch, what covers it and whether a shape's centre lies in it, and per image the colour, "
+        "shape, count and word through attention-pooling heads; the heads are then dropped. The LLM learns "
+        "next-token prediction on the text corpus and on chats that name the images in words.",
         "3. The paper's three stages through `python -m engine train --config run.json`: stage 1 trains the adaptor "
         "only, stage 2 the adaptor and LLM with 70 % language steps after a modality warm-up, one modality per "
         "step, text packed; stage 3 (SFT) everything, loss on answers only. Learning rates are raised from "

@@ -1,11 +1,12 @@
 """The demo's stand-ins for the paper's pretrained parts: the paper starts from a pretrained SigLIP and a pretrained
 DeepSeek LLM; the demo first pretrains its tiny vision tower and tiny LLM on the shapes world.
 
-- Vision tower: supervised attribute prediction (colour, shape, count, word) from every patch feature — not
-  SigLIP's contrastive loss, but the same role: features that name what is in the image. Every token must tell
-  the whole image (not only the tokens on a shape), so whichever image tokens the LLM attends to carry the answer;
-  pooled heads let the tower hide it in a few tokens, and the LLM then failed to find it (colour at chance after
-  stage 3). The heads are thrown away; only the tower's weights are kept.
+- Vision tower: supervised, not SigLIP's contrastive loss, but the same role: features that name what is in the
+  image. Per patch, what covers it (background, each shape, the word: pixel fractions) and whether a shape's
+  centre lies in it (and which shape); per image, colour, shape, count and word read by attention pooling, as the
+  LLM reads image tokens. A ViT this small learns from scratch slowly: the per-patch targets are local and early
+  to learn, and teach circle from square where image-level labels alone left the two confused (tower experiments
+  of 2026-12-06: shape 0.49 -> 0.58 held-out at 500 steps). The heads are thrown away; only the tower is kept.
 - LLM: next-token prediction on the generated text corpus (packed rows).
 """
 
@@ -16,12 +17,14 @@ import random
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from ..model.vlm import DeepSeekVL
-from ..processing import VLChatProcessor
+from ..processing import ImageProcessor, VLChatProcessor
 from . import world
 
 ATTRIBUTES = ("color", "shape", "count", "word")
@@ -38,16 +41,53 @@ def _labels(scene: world.Scene, classes: dict[str, list[str]]) -> list[int]:
 
 
 class AttributeHeads(nn.Module):
-    """A linear read-out per attribute, applied to every patch feature."""
+    """Per attribute, `heads` learned queries attend over the patch features; an MLP reads the pooled vector."""
 
-    def __init__(self, width: int, sizes: list[int]):
+    def __init__(self, width: int, sizes: list[int], heads: int = 4):
+        super().__init__()
+        self.norm, self.heads = nn.LayerNorm(width), heads
+        self.key = nn.Linear(width, width)
+        self.queries = nn.Parameter(torch.randn(len(sizes), heads, width // heads) * 0.02)
+        self.read = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, n)) for n in sizes)
+
+    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:  # [B, T, D] -> per attribute [B, n_classes]
+        x = self.norm(features)
+        B, T, D = x.shape
+        keys, values = self.key(x).view(B, T, self.heads, -1), x.view(B, T, self.heads, -1)
+        scores = torch.einsum("bthd,ahd->abht", keys, self.queries) / math.sqrt(D // self.heads)
+        pooled = torch.einsum("abht,bthd->abhd", scores.softmax(-1), values).reshape(len(self.read), B, D)
+        return [read(p) for read, p in zip(self.read, pooled)]
+
+
+class PatchHeads(nn.Module):
+    """Per patch: what covers it (world.LABELS) and which shape, if any, has its centre in it (0: none)."""
+
+    def __init__(self, width: int):
         super().__init__()
         self.norm = nn.LayerNorm(width)
-        self.read = nn.ModuleList(nn.Linear(width, n) for n in sizes)
+        self.cover = nn.Linear(width, len(world.LABELS))
+        self.centre = nn.Linear(width, 1 + len(world.SHAPES))
 
-    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:  # [B, T, D] → per attribute [B, T, n_classes]
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, T, D] -> [B, T, n] x 2
         x = self.norm(features)
-        return [read(x) for read in self.read]
+        return self.cover(x), self.centre(x)
+
+
+def patch_targets(scene: world.Scene, images: ImageProcessor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scene's per-patch targets in the processed image: cover fractions [T, labels] and centres [T]."""
+    labels = np.asarray(images.square(world.label_map(scene), Image.Resampling.NEAREST))[..., 0].astype(np.int64)
+    labels[labels >= len(world.LABELS)] = 0  # the square's padding
+    onehot = F.one_hot(torch.from_numpy(labels), len(world.LABELS)).permute(2, 0, 1).float()
+    cover = F.avg_pool2d(onehot[None], patch)[0].flatten(1).T  # [T, labels]
+    grid = labels.shape[0] // patch
+    new_w, _, x, y = images.frame(scene.width, scene.height)
+    scale = new_w / scene.width
+    centre = torch.zeros(grid * grid, dtype=torch.long)
+    for x0, y0, x1, y1 in scene.boxes:
+        col = min(grid - 1, int((x + (x0 + x1) / 2 * scale) // patch))
+        row = min(grid - 1, int((y + (y0 + y1) / 2 * scale) // patch))
+        centre[row * grid + col] = 1 + world.SHAPES.index(scene.shape)
+    return cover, centre
 
 
 def _cosine(step: int, steps: int, warmup: int) -> float:
@@ -70,38 +110,42 @@ def _report(records: list[dict], log: Callable[[str], None], kind: str, step: in
 
 
 def pretrain_vision(model: DeepSeekVL, processor: VLChatProcessor, steps: int, batch: int, seed: int,
-                    log: Callable[[str], None] = print, lr: float = 1e-3) -> list[dict]:
-    """Train `model.vision_model` in place on freshly drawn scenes; returns one record per logged step."""
+                    log: Callable[[str], None] = print, lr: float = 2e-3) -> list[dict]:
+    """Train `model.vision_model` in place on freshly drawn scenes; returns one record per logged step (the
+    attribute accuracies on the step's own fresh batch, before its update)."""
     rng, vocabulary = random.Random(seed), world.words()
     classes = _classes(vocabulary)
-    tower = model.vision_model
+    tower, images = model.vision_model, processor.image_processor
     width = model.config.vision.low.width  # SigLIP-only: the tower outputs SigLIP features
+    patch = model.config.vision.low.patch_size
     heads = AttributeHeads(width, [len(classes[a]) for a in ATTRIBUTES])
-    params = list(tower.parameters()) + list(heads.parameters())
+    patches = PatchHeads(width)
+    params = [*tower.parameters(), *heads.parameters(), *patches.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    background = torch.tensor([0.2] + [1.0] * len(world.SHAPES))  # most patches hold no centre
     tower.train()
     records, t0 = [], time.perf_counter()
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * _cosine(step, steps, max(1, steps // 20))
-        # Half the images carry a word: reading is the hardest attribute and needs the most examples.
+        # Most images carry a word: reading is the hardest attribute and needs the most examples.
         scenes = [world.random_scene(rng, vocabulary, word=rng.random() < 0.6) for _ in range(batch)]
-        pixels = torch.stack([processor.image_processor.to_tensor(processor.image_processor.square(world.draw(s)))
-                              for s in scenes])
+        pixels = torch.stack([images.to_tensor(images.square(world.draw(s))) for s in scenes])
         labels = torch.tensor([_labels(s, classes) for s in scenes])  # [B, A]
-        logits = heads(tower(pixels))  # per attribute [B, T, n]
-        T = logits[0].shape[1]
-        losses = [F.cross_entropy(lg.flatten(0, 1), labels[:, i].repeat_interleave(T)) for i, lg in enumerate(logits)]
-        loss = sum(losses)
+        cover, centre = map(torch.stack, zip(*(patch_targets(s, images, patch) for s in scenes)))
+        features = tower(pixels)
+        logits = heads(features)  # per attribute [B, n]
+        cover_logits, centre_logits = patches(features)
+        loss = (sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits))
+                + F.cross_entropy(cover_logits.flatten(0, 1), cover.flatten(0, 1))
+                + F.cross_entropy(centre_logits.flatten(0, 1), centre.flatten(), weight=background))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if _reporting(step, steps):
-            # The image's answer: the vote of its tokens (mean of their log-probabilities).
-            votes = [lg.log_softmax(-1).mean(1).argmax(-1) for lg in logits]  # [B] per attribute
-            accuracy = {f"acc_{a}": round(float((v == labels[:, i]).float().mean()), 3)
-                        for i, (a, v) in enumerate(zip(ATTRIBUTES, votes))}
+            accuracy = {f"acc_{a}": round(float((lg.argmax(-1) == labels[:, i]).float().mean()), 3)
+                        for i, (a, lg) in enumerate(zip(ATTRIBUTES, logits))}
             _report(records, log, "pretrain_vision", step, steps, loss, t0, accuracy)
     tower.eval()
     return records

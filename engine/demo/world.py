@@ -119,17 +119,39 @@ def random_scene(rng: random.Random, vocabulary: list[str], word: bool | None = 
 def draw(scene: Scene) -> Image.Image:
     image = Image.new("RGB", (scene.width, scene.height), scene.background)
     pen = ImageDraw.Draw(image)
-    fill = COLORS[scene.color]
-    for x0, y0, x1, y1 in scene.boxes:
-        if scene.shape == "circle":
-            pen.ellipse((x0, y0, x1, y1), fill=fill)
-        elif scene.shape == "square":
-            pen.rectangle((x0, y0, x1, y1), fill=fill)
-        else:
-            pen.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    for box in scene.boxes:
+        _shape(pen, scene.shape, box, COLORS[scene.color])
     if scene.word:
         pen.text(scene.word_at, scene.word, fill=(0, 0, 0), font=ImageFont.load_default(scene.font_size))
     return image
+
+
+LABELS = ("background", *SHAPES, "word")  # the values of `label_map`
+
+
+def label_map(scene: Scene) -> Image.Image:
+    """What each pixel of `draw(scene)` shows, as an index into LABELS (in all three channels, so the image
+    processor's geometry applies to it unchanged): the vision tower's pretraining learns to tell it per patch."""
+    image = Image.new("RGB", (scene.width, scene.height), (0, 0, 0))
+    pen = ImageDraw.Draw(image)
+    pen.fontmode = "1"  # no anti-aliasing: its blends would be other labels' values
+    value = LABELS.index(scene.shape)
+    for x0, y0, x1, y1 in scene.boxes:
+        _shape(pen, scene.shape, (x0, y0, x1, y1), (value,) * 3)
+    if scene.word:
+        word = LABELS.index("word")
+        pen.text(scene.word_at, scene.word, fill=(word,) * 3, font=ImageFont.load_default(scene.font_size))
+    return image
+
+
+def _shape(pen: ImageDraw.ImageDraw, shape: str, box: tuple, fill: tuple) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        pen.ellipse(box, fill=fill)
+    elif shape == "square":
+        pen.rectangle(box, fill=fill)
+    else:
+        pen.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
 # ------------------------------------------------------------------ questions and answers
@@ -266,16 +288,18 @@ def text_qa(rng: random.Random, vocabulary: list[str]) -> tuple[str, str]:
 
 # ------------------------------------------------------------------ files
 class Writer:
-    """Writes images into `directory/images/` and returns their paths relative to `directory`."""
+    """Writes images into `directory/images/` and returns their paths relative to `directory`. The names start with
+    the file's own name (`captions-000001.png`): several files share a directory, and numbering from 1 alone let
+    each overwrite the images of the one written before it."""
 
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
+    def __init__(self, directory: Path, file: str):
+        self.directory, self.stem = Path(directory), Path(file).stem
         (self.directory / "images").mkdir(parents=True, exist_ok=True)
         self.n = 0
 
     def image(self, scene: Scene) -> str:
         self.n += 1
-        name = f"images/{self.n:06d}.png"
+        name = f"images/{self.stem}-{self.n:06d}.png"
         draw(scene).save(self.directory / name, optimize=False, compress_level=1)
         return name
 
@@ -312,7 +336,7 @@ def dialogues(rng: random.Random, vocabulary: list[str], n: int, kinds=SINGLE + 
 def conversations(directory: Path, n: int, seed: int, kinds=SINGLE + PAIR, max_turns: int = 3,
                   name: str = "conversations.jsonl") -> Path:
     """`n` DeepSeek-format conversations of `dialogues`, their images written beside the file."""
-    rng, vocabulary, out = random.Random(seed), words(), Writer(directory)
+    rng, vocabulary, out = random.Random(seed), words(), Writer(directory, name)
 
     def records():
         for scenes, qas in dialogues(rng, vocabulary, n, kinds, max_turns):
@@ -348,7 +372,7 @@ def described(n: int, seed: int) -> list[list[dict]]:
 
 def captions(directory: Path, n: int, seed: int, name: str = "captions.jsonl") -> Path:
     """Image-caption pairs for stage 1 (the adaptor learns to map image features to the words that name them)."""
-    rng, vocabulary, out = random.Random(seed), words(), Writer(directory)
+    rng, vocabulary, out = random.Random(seed), words(), Writer(directory, name)
     return _jsonl(directory / name, ({"conversations": [
         _turn("User", f"{IMAGE}Describe the image.", [out.image(scene)]), _turn("Assistant", describe(scene))]}
         for scene in (random_scene(rng, vocabulary) for _ in range(n))))
@@ -368,7 +392,7 @@ def text_conversations(path: Path, n: int, seed: int) -> Path:
 def questions(directory: Path, n_per_kind: int, seed: int, name: str = "questions.jsonl") -> Path:
     """Held-out evaluation questions: `{"kind", "images", "question", "expected"}` per line, `n_per_kind` of every
     kind (word questions always have a word)."""
-    rng, vocabulary, out = random.Random(seed), words(), Writer(directory)
+    rng, vocabulary, out = random.Random(seed), words(), Writer(directory, name)
 
     def records():
         for kind in SINGLE + PAIR:
@@ -389,7 +413,7 @@ def questions(directory: Path, n_per_kind: int, seed: int, name: str = "question
 def multiple_choice(directory: Path, n: int, seed: int, name: str = "mc.jsonl") -> Path:
     """The paper's multi-choice PPL files: colour, shape and count questions with every answer sentence as an
     option (`engine eval --mc`)."""
-    rng, vocabulary, out = random.Random(seed), words(), Writer(directory)
+    rng, vocabulary, out = random.Random(seed), words(), Writer(directory, name)
 
     def records():
         for i in range(n):
