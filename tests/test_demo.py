@@ -11,7 +11,7 @@ import pytest
 from PIL import ImageFont
 
 from engine.demo import DEMO_DIR, EXAMPLES_DIR, world
-from engine.training.evaluate import names
+from engine.training.evaluate import is_right, names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,31 +169,39 @@ def ask(images: list[str], question: str) -> str:
     return run.stdout
 
 
-# The shipped model describes a picture right (the colour named) but its direct answers about colour, shape, count
-# and the word are often wrong (the model card has the figures, issue 11's note the diagnosis). These tests hold it
-# to what it does: a right description through `ask`, and a well-formed answer of the kind asked, naming exactly
-# one candidate, through `ask` and the app's own path. When a rebuild meets the card's targets, they should assert
-# the expected word for every kind.
-RIVALS = {"color": list(world.COLORS), "word": None}
+# What the shipped model does, held to it: colour answers and descriptions right (100 % held out), the two-image
+# comparison right; the word is where it falls short (the card has the figures): a word answer must be well formed,
+# naming one word in quotes. When a rebuild reads words, `RIGHT` should take "word" too.
+RIGHT = ("color", "describe")
 
 
-def well_formed(kind: str, answer: str, expected: str) -> bool:
-    if kind == "word":
-        return answer.strip().startswith("The word is") and answer.count('"') == 2
-    return sum(names(answer, c) for c in RIVALS[kind]) == 1 and answer.strip().endswith(".")
+def judged(kind: str, answer: str, expected: str) -> bool:
+    if kind in RIGHT:
+        return is_right(answer, expected, [c for c in world.COLORS if c != expected])
+    assert kind == "word"
+    return answer.strip().startswith("The word is") and answer.count('"') == 2
 
 
-def test_shipped_demo_describes_fresh_images_right_through_ask(tmp_path):
-    for images, question, expected in fresh("describe", 3, seed=2027, directory=tmp_path):
-        answer = ask(images, question)
-        assert names(answer, expected) and sum(names(answer, c) for c in world.COLORS) == 1, (expected, answer)
-
-
-@pytest.mark.parametrize("kind", ["color", "word"])
+@pytest.mark.parametrize("kind", ["color", "describe", "word"])
 def test_shipped_demo_answers_fresh_questions_through_ask(kind, tmp_path):
-    (images, question, expected), = fresh(kind, 1, seed=2026, directory=tmp_path)
-    answer = ask(images, question)
-    assert well_formed(kind, answer, expected), f"{question} -> {answer!r}"
+    for images, question, expected in fresh(kind, 3, seed=2026, directory=tmp_path):
+        answer = ask(images, question)
+        assert judged(kind, answer, expected), f"{question} -> {answer!r} (expected {expected})"
+
+
+def test_shipped_demo_compares_two_fresh_images_through_ask(tmp_path):
+    """Which of two images has more shapes: 97.5 % right held out, so at least 4 of 5 fresh pairs."""
+    rng, vocabulary, wrong = random.Random(2028), world.words(), []
+    for i in range(5):
+        first, second = world.pair_scenes("more", rng, vocabulary)
+        paths = [str(tmp_path / f"{i}-{n}.png") for n in (1, 2)]
+        world.draw(first).save(paths[0])
+        world.draw(second).save(paths[1])
+        qa = world.pair_qa("more", first, second, rng)
+        answer = ask(paths, world.QUESTIONS["more"][0])
+        if not is_right(answer, qa.expected, [o for o in qa.options if o != qa.expected]):
+            wrong.append((qa.answer, answer))
+    assert len(wrong) <= 1, wrong
 
 
 @pytest.mark.parametrize("kind", ["color", "word"])
@@ -209,7 +217,7 @@ def test_shipped_demo_answers_through_the_app_service(kind, demo_models, tmp_pat
         last = send(ChatService(store, demo_models), None, question, images, {"temperature": 0.0, "max_new_tokens": 32})
         stored = store.get_conversation(last.conversation_id)["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant"] and stored[-1]["text"] == last.text
-    assert well_formed(kind, last.text, expected), f"{question} -> {last.text!r}"
+    assert judged(kind, last.text, expected), f"{question} -> {last.text!r} (expected {expected})"
 
 
 def test_examples_are_answered_right(demo_models):
