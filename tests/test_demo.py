@@ -49,11 +49,14 @@ def test_patch_targets_mark_each_shape_where_the_processed_image_shows_it():
     processed image that shows it), the word's pixels as word, nothing of another shape."""
     import torch
 
+    from PIL import Image
+
+    from engine.demo.build import PATCH as patch
     from engine.demo.pretrain import patch_targets
     from engine.processing import VLChatProcessor
 
     images = VLChatProcessor.from_pretrained(DEMO_DIR).image_processor
-    size, patch = images.config.image_size, 32
+    size = images.config.image_size
     rng, vocabulary = random.Random(4), world.words()
     for _ in range(20):
         scene = world.random_scene(rng, vocabulary, word=True)
@@ -70,7 +73,7 @@ def test_patch_targets_mark_each_shape_where_the_processed_image_shows_it():
         grid = size // patch
         for r in rows:
             tile = marked[:, (r // grid) * patch:(r // grid + 1) * patch, (r % grid) * patch:(r % grid + 1) * patch]
-            colour = (torch.tensor(world.COLORS[scene.color]) / 127.5 - 1).view(3, 1, 1)
+            colour = images.to_tensor(Image.new("RGB", (1, 1), world.COLORS[scene.color]))
             assert ((tile - colour).abs().amax(0) < 0.05).any(), (scene, r)
 
 

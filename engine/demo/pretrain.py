@@ -6,9 +6,10 @@ DeepSeek LLM; the demo first pretrains its tiny vision tower and tiny LLM on the
   centre lies in it (and which shape); per image, colour, shape, count and word read by attention pooling, as the
   LLM reads image tokens; and colour, shape and count from every patch alone, so that whichever image tokens the
   LLM attends to carry them (with pooled heads only, the tower kept the shape in the few tokens on a shape and the
-  LLM, though it read colour and count, answered shape questions at chance). A ViT this small learns from scratch slowly: the per-patch targets are local and early
-  to learn, and teach circle from square where image-level labels alone left the two confused (tower experiments
-  of 2026-12-06: shape 0.49 -> 0.58 held-out at 500 steps). The heads are thrown away; only the tower is kept.
+  LLM, though it read colour and count, answered shape questions at chance). A ViT this small learns from scratch
+  slowly: the per-patch targets are local and early to learn, and teach circle from square where image-level
+  labels alone left the two confused (tower experiments of 2026-12-06: shape 0.49 -> 0.58 held-out at 500 steps).
+  The heads are thrown away; only the tower is kept.
 - LLM: next-token prediction on the generated text corpus (packed rows).
 """
 
@@ -65,12 +66,12 @@ class PatchHeads(nn.Module):
     """Per patch: what covers it (world.LABELS), which shape, if any, has its centre in it (0: none), and the
     image's colour, shape and count, read from that patch alone."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, sizes: list[int]):
         super().__init__()
         self.norm = nn.LayerNorm(width)
         self.cover = nn.Linear(width, len(world.LABELS))
         self.centre = nn.Linear(width, 1 + len(world.SHAPES))
-        self.image = nn.ModuleList(nn.Linear(width, n) for n in (len(world.COLORS), len(world.SHAPES), 5))
+        self.image = nn.ModuleList(nn.Linear(width, n) for n in sizes)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         x = self.norm(features)  # [B, T, D] -> [B, T, n] each
@@ -84,12 +85,12 @@ def patch_targets(scene: world.Scene, images: ImageProcessor, patch: int) -> tup
     onehot = F.one_hot(torch.from_numpy(labels), len(world.LABELS)).permute(2, 0, 1).float()
     cover = F.avg_pool2d(onehot[None], patch)[0].flatten(1).T  # [T, labels]
     grid = labels.shape[0] // patch
-    new_w, _, x, y = images.frame(scene.width, scene.height)
-    scale = new_w / scene.width
+    new_w, new_h, x, y = images.frame(scene.width, scene.height)
+    sx, sy = new_w / scene.width, new_h / scene.height
     centre = torch.zeros(grid * grid, dtype=torch.long)
     for x0, y0, x1, y1 in scene.boxes:
-        col = min(grid - 1, int((x + (x0 + x1) / 2 * scale) // patch))
-        row = min(grid - 1, int((y + (y0 + y1) / 2 * scale) // patch))
+        col = min(grid - 1, int((x + (x0 + x1) / 2 * sx) // patch))
+        row = min(grid - 1, int((y + (y0 + y1) / 2 * sy) // patch))
         centre[row * grid + col] = 1 + world.SHAPES.index(scene.shape)
     return cover, centre
 
@@ -122,8 +123,9 @@ def pretrain_vision(model: DeepSeekVL, processor: VLChatProcessor, steps: int, b
     tower, images = model.vision_model, processor.image_processor
     width = model.config.vision.low.width  # SigLIP-only: the tower outputs SigLIP features
     patch = model.config.vision.low.patch_size
-    heads = AttributeHeads(width, [len(classes[a]) for a in ATTRIBUTES])
-    patches = PatchHeads(width)
+    sizes = [len(classes[a]) for a in ATTRIBUTES]
+    heads = AttributeHeads(width, sizes)
+    patches = PatchHeads(width, sizes[:3])  # every patch: colour, shape, count (not the word)
     params = [*tower.parameters(), *heads.parameters(), *patches.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     background = torch.tensor([0.2] + [1.0] * len(world.SHAPES))  # most patches hold no centre
@@ -144,7 +146,8 @@ def pretrain_vision(model: DeepSeekVL, processor: VLChatProcessor, steps: int, b
         loss = (sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits))
                 + F.cross_entropy(cover_logits.flatten(0, 1), cover.flatten(0, 1))
                 + F.cross_entropy(centre_logits.flatten(0, 1), centre.flatten(), weight=background)
-                + sum(F.cross_entropy(lg.flatten(0, 1), labels[:, i].repeat_interleave(T)) for i, lg in enumerate(everywhere)))
+                + sum(F.cross_entropy(lg.flatten(0, 1), labels[:, i].repeat_interleave(T))
+                      for i, lg in enumerate(everywhere)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -136,8 +136,8 @@ def label_map(scene: Scene) -> Image.Image:
     pen = ImageDraw.Draw(image)
     pen.fontmode = "1"  # no anti-aliasing: its blends would be other labels' values
     value = LABELS.index(scene.shape)
-    for x0, y0, x1, y1 in scene.boxes:
-        _shape(pen, scene.shape, (x0, y0, x1, y1), (value,) * 3)
+    for box in scene.boxes:
+        _shape(pen, scene.shape, box, (value,) * 3)
     if scene.word:
         word = LABELS.index("word")
         pen.text(scene.word_at, scene.word, fill=(word,) * 3, font=ImageFont.load_default(scene.font_size))
