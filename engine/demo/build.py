@@ -58,7 +58,7 @@ PREPROCESSOR = {"image_size": IMAGE_SIZE, "min_size": 14, "image_mean": [0.5, 0.
 @dataclass(frozen=True)
 class Budget:
     captions: int = 3000
-    conversations: int = 16000
+    conversations: int = 24000
     text: int = 3000
     text_sft: int = 1000
     eval_per_kind: int = 40
@@ -69,7 +69,7 @@ class Budget:
     lm_steps: int = 800
     lm_batch: int = 16
     lm_length: int = 128
-    steps: tuple[int, int, int] = (400, 500, 1200)  # stages 1, 2, 3
+    steps: tuple[int, int, int] = (400, 500, 1600)  # stages 1, 2, 3
     lrs: tuple[float, float, float] = (2e-3, 5e-4, 5e-4)
     batch: int = 16
     micro_batch: int = 16

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from . import DEMO_ABOUT, DEMO_NEXT
+from . import DEMO_ABOUT, DEMO_NEXT, world
 
 TARGETS = {"color": 0.95, "shape": 0.95, "count": 0.80, "word": 0.80, "more": 0.80, "same_color": 0.80}
 KIND_NAMES = {"color": "colour", "shape": "shape", "count": "count", "word": "word", "describe": "describe (names the colour)",
@@ -46,7 +46,9 @@ def write_card(path: Path, budget, seed: int, result: dict, ablations: list[dict
         f"`{json.dumps(asdict(budget))}`.", "",
         "1. Data: the shapes world (`engine/demo/world.py`): 1–5 shapes of one kind and colour, sometimes a word, on "
         "white or light grey, 64–1024 px a side, up to 4:1; questions about colour, shape, count, the word, a description, "
-        "and two-image comparisons; a text corpus and text-only question/answer pairs.",
+        "and two-image comparisons; a text corpus and text-only question/answer pairs. A training dialogue's first "
+        "question is of each kind as often as `world.PRACTICE` says ("
+        + ", ".join(f"{KIND_NAMES[k].split(' (')[0]} {w}" for k, w in world.PRACTICE.items()) + ").",
         "2. Pretraining (the paper starts from a pretrained SigLIP and LLM; so does the demo): the vision tower "
         "predicts, per patch, what covers it and whether a shape's centre lies in it, and per image the colour, "
         "shape, count and word through attention-pooling heads; the heads are then dropped. The LLM learns "

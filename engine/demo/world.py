@@ -41,6 +41,11 @@ QUESTIONS = {
 }
 SINGLE = ("color", "shape", "count", "word", "describe")
 PAIR = ("more", "same_color")
+# How often each kind opens a training dialogue. Colour and the description are learnt from a few thousand;
+# shape and count need more: with every kind equally often the LLM answered shape near its prior ("They are
+# squares.") though the tower's features tell shape apart (a linear probe reads it at 93 %). Word and same-colour
+# questions twice as often too: a build with them at 1 lost the word answer's form and half its same-colour verdicts.
+PRACTICE = {"color": 1, "shape": 3, "count": 2, "word": 2, "describe": 1, "more": 1, "same_color": 2}
 
 
 def words() -> list[str]:
@@ -204,9 +209,12 @@ def pair_qa(kind: str, first: Scene, second: Scene, rng: random.Random) -> QA:
         return QA(kind, question, f"The {which} image has more shapes ({first.count} and {second.count}).", which,
                   ["first", "second"])
     if kind == "same_color":
+        # The colours first, then the verdict: a small model that had to say yes or no first said "No, the
+        # first is green and the second is green." (the words before the verdict are what it reasons with).
         if first.color == second.color:
-            return QA(kind, question, f"Yes, both are {first.color}.", "yes", ["yes", "no"])
-        return QA(kind, question, f"No, the first is {first.color} and the second is {second.color}.", "no",
+            return QA(kind, question, f"The first is {first.color} and the second is {second.color} too, so yes.",
+                      "yes", ["yes", "no"])
+        return QA(kind, question, f"The first is {first.color} and the second is {second.color}, so no.", "no",
                   ["yes", "no"])
     raise ValueError(f"unknown question kind {kind!r}")
 
@@ -320,9 +328,11 @@ def _turn(role: str, content: str, images: list[str] = ()) -> dict:
 
 def dialogues(rng: random.Random, vocabulary: list[str], n: int, kinds=SINGLE + PAIR, max_turns: int = 3):
     """`n` dialogues as (scenes, [(question, answer), ...]); the scenes go with the first question. One scene and
-    1..max_turns questions about it, or two scenes and one comparison; kinds drawn uniformly from `kinds`."""
+    1..max_turns questions about it, or two scenes and one comparison; the first question's kind drawn from `kinds`
+    as often as PRACTICE says."""
+    weights = [PRACTICE[k] for k in kinds]
     for _ in range(n):
-        kind = rng.choice(kinds)
+        kind = rng.choices(kinds, weights)[0]
         if kind in PAIR:
             a, b = pair_scenes(kind, rng, vocabulary)
             qa = pair_qa(kind, a, b, rng)
