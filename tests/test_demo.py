@@ -84,7 +84,7 @@ def test_every_answer_names_its_answer_and_no_rival():
         for kind in world.SINGLE:
             qa = world.single_qa(kind, scene, rng)
             assert names(qa.answer, qa.expected), qa
-            assert not any(names(qa.answer, o) for o in qa.options if o != qa.expected), qa
+            assert not any(names(qa.answer, o) for o in qa.rivals), qa
         for kind in world.PAIR:
             a, b = world.pair_scenes(kind, rng, vocabulary)
             qa = world.pair_qa(kind, a, b, rng)
@@ -173,15 +173,15 @@ def test_make_demo_smoke_builds_a_model_that_loads(tmp_path):
 
 
 # ------------------------------------------------------------------ the shipped model
-def fresh(kind: str, n: int, seed: int, directory: Path) -> list[tuple[list[str], str, str]]:
-    """n freshly drawn questions of `kind`: (image paths, question, expected word)."""
+def fresh(kind: str, n: int, seed: int, directory: Path) -> list[tuple[list[str], str, world.QA]]:
+    """n freshly drawn questions of `kind`: (image paths, question, its QA: expected word and rivals)."""
     rng, vocabulary, out = random.Random(seed), world.words(), []
     for i in range(n):
         scene = world.random_scene(rng, vocabulary, word=kind == "word")
         qa = world.single_qa(kind, scene, rng)
         path = directory / f"{kind}-{i}.png"
         world.draw(scene).save(path)
-        out.append(([str(path)], world.QUESTIONS[kind][0], qa.expected))
+        out.append(([str(path)], world.QUESTIONS[kind][0], qa))
     return out
 
 
@@ -199,27 +199,27 @@ def ask(images: list[str], question: str) -> str:
 RIGHT = ("color", "describe")
 
 
-def judged(kind: str, answer: str, expected: str) -> bool:
+def judged(kind: str, answer: str, qa: world.QA) -> bool:
     if kind in RIGHT:
-        return is_right(answer, expected, [c for c in world.COLORS if c != expected])
+        return is_right(answer, qa.expected, qa.rivals)
     assert kind == "word"
     return answer.strip().startswith("The word is") and answer.count('"') == 2
 
 
 @pytest.mark.parametrize("kind", ["color", "describe", "word"])
 def test_shipped_demo_answers_fresh_questions_through_ask(kind, tmp_path):
-    for images, question, expected in fresh(kind, 3, seed=2026, directory=tmp_path):
+    for images, question, qa in fresh(kind, 3, seed=2026, directory=tmp_path):
         answer = ask(images, question)
-        assert judged(kind, answer, expected), f"{question} -> {answer!r} (expected {expected})"
+        assert judged(kind, answer, qa), f"{question} -> {answer!r} (expected {qa.expected})"
 
 
 def test_shipped_demo_names_the_shape_of_fresh_images_through_ask(tmp_path):
     """87.5 % right held out (35 % before dialogues opened with shape questions more often), so at least 4 of 5."""
     wrong = []
-    for images, question, expected in fresh("shape", 5, seed=2029, directory=tmp_path):
+    for images, question, qa in fresh("shape", 5, seed=2029, directory=tmp_path):
         answer = ask(images, question)
-        if not is_right(answer, expected, [s for s in world.SHAPES if s != expected]):
-            wrong.append((expected, answer))
+        if not is_right(answer, qa.expected, qa.rivals):
+            wrong.append((qa.expected, answer))
     assert len(wrong) <= 1, wrong
 
 
@@ -235,7 +235,7 @@ def test_shipped_demo_compares_two_fresh_images_through_ask(kind, tmp_path):
         world.draw(second).save(paths[1])
         qa = world.pair_qa(kind, first, second, rng)
         answer = ask(paths, world.QUESTIONS[kind][0])
-        if not is_right(answer, qa.expected, [o for o in qa.options if o != qa.expected]):
+        if not is_right(answer, qa.expected, qa.rivals):
             wrong.append((qa.answer, answer))
     assert len(wrong) <= 1, wrong
 
@@ -248,12 +248,12 @@ def test_shipped_demo_answers_through_the_app_service(kind, demo_models, tmp_pat
 
     from test_chat_service import ask as send
 
-    (images, question, expected), = fresh(kind, 1, seed=77, directory=tmp_path)
+    (images, question, qa), = fresh(kind, 1, seed=77, directory=tmp_path)
     with Store(tmp_path / "data") as store:
         last = send(ChatService(store, demo_models), None, question, images, {"temperature": 0.0, "max_new_tokens": 32})
         stored = store.get_conversation(last.conversation_id)["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant"] and stored[-1]["text"] == last.text
-    assert judged(kind, last.text, expected), f"{question} -> {last.text!r} (expected {expected})"
+    assert judged(kind, last.text, qa), f"{question} -> {last.text!r} (expected {qa.expected})"
 
 
 def test_examples_are_answered_right(demo_models):

@@ -302,7 +302,7 @@ def write_examples(model: Path, directory: Path, seed: int, log: Log) -> list[di
             session = ChatSession(runtime)
             session.add_user(question, [str(directory / n) for n in names_], reserve=64)
             reply = session.answer(SamplingParams(max_new_tokens=48))
-            right = is_right(reply, qa.expected, [o for o in qa.options if o != qa.expected])
+            right = is_right(reply, qa.expected, qa.rivals)
             log(f"example {kind} try {attempt + 1}: {question!r} -> {reply.strip()!r} ({'right' if right else 'wrong'})")
             if right:
                 kept.append({"kind": kind, "question": question, "images": names_, "expected": qa.expected})

@@ -166,7 +166,12 @@ class QA:
     question: str
     answer: str
     expected: str  # the word or digit a correct answer contains
-    options: list[str] = field(default_factory=list)  # the other answers of this kind, for checking and for MC
+    options: list[str] = field(default_factory=list)  # every answer of this kind, for checking and for MC
+
+    @property
+    def rivals(self) -> list[str]:
+        """The options that are not the answer: a right answer names none of them."""
+        return [o for o in self.options if o != self.expected]
 
 
 def _noun(scene: Scene) -> str:
@@ -414,7 +419,7 @@ def questions(directory: Path, n_per_kind: int, seed: int, name: str = "question
                     scene = random_scene(rng, vocabulary, word=True if kind == "word" else None)
                     qa, images = single_qa(kind, scene, rng), [out.image(scene)]
                 yield {"kind": kind, "images": images, "question": IMAGE * len(images) + qa.question,
-                       "expected": qa.expected, "rivals": [o for o in qa.options if o != qa.expected],
+                       "expected": qa.expected, "rivals": qa.rivals,
                        "answer": qa.answer}
 
     return _jsonl(directory / name, records())
