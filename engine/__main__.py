@@ -201,7 +201,8 @@ def make_demo(args) -> int:
 # Flags that set a StageConfig field for every stage that runs (None: the stage's scaled Table 4 value).
 STAGE_FLAGS = {"steps": int, "batch_size": int, "micro_batch_size": int, "lr": float, "warmup_steps": int,
                "seq_len": int, "epochs": float, "language_ratio": float, "modality_warmup_steps": int,
-               "schedule": str, "clip": float, "weight_decay": float, "min_lr_ratio": float}
+               "schedule": str, "clip": float, "weight_decay": float, "min_lr_ratio": float,
+               "vision_lr_ratio": float}
 RUN_FLAGS = ("model", "out", "data", "text_data", "seed", "save_every", "keep_checkpoints", "resume", "skip_bad",
              "lora", "qlora", "lora_rank", "lora_alpha", "bf16", "gradient_checkpointing", "fsdp", "optimizer", "device",
              "max_length", "eval_mc", "eval_text", "eval_every")

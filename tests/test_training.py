@@ -87,6 +87,24 @@ def test_hybrid_model_gets_gradients_exactly_where_intended_and_sam_never_change
     assert not any(n.startswith("vision_model.vision_tower_high.") for n in with_grad)  # SAM
 
 
+def test_the_vision_tower_can_train_at_a_fraction_of_the_lr_in_stage_3(setup, tmp_path):
+    root, model_dir, convs, text = setup
+    before = weights(model_dir)
+
+    def largest_step(ratio):  # one AdamW step from zero moments moves each weight by about its group's lr
+        out = tmp_path / f"ratio-{ratio}"
+        train(RunConfig(model=str(model_dir), out=str(out), data=[str(convs)], stages=[3], overrides={
+            "steps": 1, "batch_size": 2, "warmup_steps": 0, "lr": 1e-2, "vision_lr_ratio": ratio}), log=lambda m: None)
+        after = weights(out / "stage-3")
+        step = {part: max((after[k].float() - before[k].float()).abs().max().item() for k in before if k.startswith(part))
+                for part in ("vision_model.", "language_model.")}
+        return step["vision_model."], step["language_model."]
+
+    assert largest_step(1.0) == pytest.approx((1e-2, 1e-2), rel=0.1)
+    assert largest_step(0.25) == pytest.approx((2.5e-3, 1e-2), rel=0.1)
+    assert largest_step(0.0)[0] == 0.0  # a frozen tower, the LLM still trains
+
+
 def test_presets_follow_table_4_scaled_to_the_data_and_flags_win():
     assert (TABLE4[1].lr, TABLE4[2].lr, TABLE4[3].lr) == (1e-3, 3e-5, 2e-5)
     assert [TABLE4[s].schedule for s in (1, 2, 3)] == ["cosine", "step", "cosine"]

@@ -55,7 +55,10 @@ def write_card(path: Path, budget, seed: int, result: dict, ablations: list[dict
         "next-token prediction on the text corpus and on chats that name the images in words.",
         "3. The paper's three stages through `python -m engine train --config run.json`: stage 1 trains the adaptor "
         "only, stage 2 the adaptor and LLM with 70 % language steps after a modality warm-up, one modality per "
-        "step, text packed; stage 3 (SFT) everything, loss on answers only. Learning rates are raised from "
+        "step, text packed; stage 3 (SFT) everything"
+        + (f" (the vision tower at {budget.vision_lr_ratio:g} of the rate, so as not to unlearn its pretraining)"
+           if budget.vision_lr_ratio != 1 else "")
+        + ", loss on answers only. Learning rates are raised from "
         "Table 4's (a 1.3B that is already trained needs 3e-5; this model starts nearly from scratch): "
         f"{', '.join(f'stage {i + 1}: {lr:g}' for i, lr in enumerate(budget.lrs))}.", "",
     ]

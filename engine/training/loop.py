@@ -178,16 +178,28 @@ def lr_factor(step: int, cfg: StageConfig) -> float:
     raise TrainingError(f"unknown LR schedule {cfg.schedule!r}; use 'cosine' or 'step'")
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: StageConfig, kind: str):
+def param_groups(model: torch.nn.Module, cfg: StageConfig) -> list[dict]:
+    """The trainable parameters, the vision tower's in a group of its own at lr x vision_lr_ratio: a tower
+    pretrained on far more images than the fine-tuning data can lose what it knew at the LLM's rate."""
+    vision, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (vision if name.startswith("vision_model.") else rest).append(p)
+    groups = [{"name": "rest", "params": rest, "lr": cfg.lr},
+              {"name": "vision", "params": vision, "lr": cfg.lr * cfg.vision_lr_ratio}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(groups: list[dict], cfg: StageConfig, kind: str):
     if kind == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError as e:
             raise TrainingError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
-        return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     if kind != "adamw":
         raise TrainingError(f"unknown optimizer {kind!r}; use adamw or adamw8bit")
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 # ------------------------------------------------------------------ the model for a stage
@@ -667,8 +679,9 @@ def _run_stage(stage, source, run: RunConfig, report, processor, base_dir: Path,
     model, trainable = prepare_model(source, stage, run, device)
     if d.sharded:
         shard(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg, run.optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # in model order: clipping sums their norms
+    groups = param_groups(model, cfg)
+    optimizer = make_optimizer(groups, cfg, run.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start = 0
     checkpoint = latest_checkpoint(Path(run.out), stage) if run.resume else None
@@ -679,7 +692,10 @@ def _run_stage(stage, source, run: RunConfig, report, processor, base_dir: Path,
         metrics.event("resume", f"stage {stage}: resumed at step {start} from {checkpoint}", stage=stage, step=start)
     else:
         metrics.event("stage_start", f"stage {stage} ({STAGE_NAMES[stage]}): {cfg.steps} steps of {cfg.batch_size}, "
-                      f"lr {cfg.lr:g} {cfg.schedule}, {sum(p.numel() for p in params):,} trainable parameters",
+                      f"lr {cfg.lr:g} {cfg.schedule}"
+                      + (f" (vision tower x{cfg.vision_lr_ratio:g})"
+                         if cfg.vision_lr_ratio != 1 and any(g["name"] == "vision" for g in groups) else "")
+                      + f", {sum(p.numel() for p in params):,} trainable parameters",
                       stage=stage, total_steps=cfg.steps, config=cfg.to_dict(),
                       trainable_parameters=sum(p.numel() for p in params), trainable=len(trainable))
     pad_id = processor.pad_id

@@ -41,6 +41,7 @@ class StageConfig:
     weight_decay: float = 0.0
     clip: float = 1.0
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    vision_lr_ratio: float = 1.0  # the vision tower's lr as a share of lr (it trains in stage 3 only)
     epochs: float = 1.0  # used by `scaled` to choose steps from the data size
 
     def to_dict(self) -> dict:
