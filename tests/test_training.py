@@ -103,6 +103,8 @@ def test_the_vision_tower_can_train_at_a_fraction_of_the_lr_in_stage_3(setup, tm
     assert largest_step(1.0) == pytest.approx((1e-2, 1e-2), rel=0.1)
     assert largest_step(0.25) == pytest.approx((2.5e-3, 1e-2), rel=0.1)
     assert largest_step(0.0)[0] == 0.0  # a frozen tower, the LLM still trains
+    with pytest.raises(loop.TrainingError, match="vision_lr_ratio must be 0 or more"):
+        largest_step(-0.5)
 
 
 def test_presets_follow_table_4_scaled_to_the_data_and_flags_win():
@@ -178,6 +180,20 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(setup, uninterrupted):
     assert all(torch.equal(after[k], uninterrupted[k]) for k in after)
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"type": "step"' in x]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resuming_a_checkpoint_saved_with_one_parameter_group_says_so(setup):
+    out = setup[0] / "one-group"
+    stop = threading.Event()
+    train(resumable(setup, out), log=lambda m: None, stop=stop, on_step=lambda r: stop.set() if r["step"] == 3 else None)
+    saved = latest_checkpoint(out, 3) / "optimizer.pt"
+    state = torch.load(saved, weights_only=False)  # as saved before the vision tower had a group of its own
+    state["param_groups"] = [{**state["param_groups"][0],
+                              "params": [i for g in state["param_groups"] for i in g["params"]]}]
+    torch.save(state, saved)
+    with pytest.raises(loop.TrainingError, match="does not fit this run's parameter groups"):
+        train(resumable(setup, out, resume=True), log=lambda m: None)
+    assert saved.exists()  # nothing deleted: the run can start again without --resume
 
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(setup, uninterrupted, monkeypatch):

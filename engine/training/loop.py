@@ -181,6 +181,8 @@ def lr_factor(step: int, cfg: StageConfig) -> float:
 def param_groups(model: torch.nn.Module, cfg: StageConfig) -> list[dict]:
     """The trainable parameters, the vision tower's in a group of its own at lr x vision_lr_ratio: a tower
     pretrained on far more images than the fine-tuning data can lose what it knew at the LLM's rate."""
+    if not cfg.vision_lr_ratio >= 0:
+        raise TrainingError(f"vision_lr_ratio must be 0 or more (0 freezes the tower's updates), got {cfg.vision_lr_ratio}")
     vision, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -436,7 +438,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, sampler: Sampler, d
         with torch.no_grad():
             for name, value in params.items():
                 named[name].copy_(value)
-        optimizer.load_state_dict(optimizer_state)
+        try:
+            optimizer.load_state_dict(optimizer_state)
+        except ValueError as e:  # e.g. saved before the vision tower had a parameter group of its own
+            raise TrainingError(f"{path}: its optimizer state does not fit this run's parameter groups ({e}); "
+                                "start the stage again without --resume") from e
     scheduler.load_state_dict(state["scheduler"])
     sampler.load_state(state["sampler"])
     rng = torch.load(path / "rng.pt", weights_only=False)
