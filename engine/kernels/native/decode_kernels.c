@@ -129,14 +129,10 @@ static inline __m256i dot32_i8(__m256i w, __m256i x) {
     return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
 }
 
-static float dot_i8_row(const int8_t *w, const int8_t *xq, const float *xs, int K) {
-    __m256 a = _mm256_setzero_ps();
-    for (int b = 0; b < K / QBLOCK; b++) {
-        __m256i d = dot32_i8(_mm256_loadu_si256((const __m256i *)(w + b * QBLOCK)),
-                             _mm256_loadu_si256((const __m256i *)(xq + b * QBLOCK)));
-        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(xs + b), a);
-    }
-    return hsum(a);
+/* acc + the block of 32 at k of row w · the quantized activation, in fp32 (the block's activation scale applied). */
+static inline __m256 add_block_i8(const int8_t *w, const int8_t *xq, const float *xs, int k, __m256 acc) {
+    __m256i d = dot32_i8(_mm256_loadu_si256((const __m256i *)(w + k)), _mm256_load_si256((const __m256i *)(xq + k)));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(xs + k / QBLOCK), acc);
 }
 
 /* y = (W * scale[:, None]) x for int8 W [N, K]; K must be a multiple of 32. Returns 0, or -1 on OOM. */
@@ -148,26 +144,20 @@ int dsvl_gemv_int8(const int8_t *W, const float *scale, const void *x, int x_bf1
     if (!xf || !xq || !xs) { free(xf); free(xq); free(xs); return -1; }
     load_vector(x, x_bf16, xf, K);
     quantize_blocks(xf, xq, xs, K, QBLOCK, 0);
-    int blocks = N / 4;
+    /* One row at a time in two independent chains: one sequential stream per thread reads faster than four
+     * interleaved rows (27.9 vs 23.6 GB/s over 48 distinct 5632 x 2048 matrices, 2 threads, this machine). */
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int b = 0; b < blocks; b++) {
-        const int8_t *r0 = W + (size_t)b * 4 * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int k = 0; k < K; k += QBLOCK) {
-            __m256i xv = _mm256_load_si256((const __m256i *)(xq + k));
-            __m256 s = _mm256_broadcast_ss(xs + k / QBLOCK);
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8(_mm256_loadu_si256((const __m256i *)(r0 + k)), xv)), s, a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8(_mm256_loadu_si256((const __m256i *)(r1 + k)), xv)), s, a1);
-            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8(_mm256_loadu_si256((const __m256i *)(r2 + k)), xv)), s, a2);
-            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8(_mm256_loadu_si256((const __m256i *)(r3 + k)), xv)), s, a3);
+    for (int n = 0; n < N; n++) {
+        const int8_t *r = W + (size_t)n * K;
+        __m256 a = _mm256_setzero_ps(), c = a;
+        int k = 0;
+        for (; k + 2 * QBLOCK <= K; k += 2 * QBLOCK) {
+            a = add_block_i8(r, xq, xs, k, a);
+            c = add_block_i8(r, xq, xs, k + QBLOCK, c);
         }
-        int n = b * 4;
-        store(y, y_bf16, n, hsum(a0) * scale[n]);
-        store(y, y_bf16, n + 1, hsum(a1) * scale[n + 1]);
-        store(y, y_bf16, n + 2, hsum(a2) * scale[n + 2]);
-        store(y, y_bf16, n + 3, hsum(a3) * scale[n + 3]);
+        if (k < K) a = add_block_i8(r, xq, xs, k, a);
+        store(y, y_bf16, n, hsum(_mm256_add_ps(a, c)) * scale[n]);
     }
-    for (int n = blocks * 4; n < N; n++) store(y, y_bf16, n, dot_i8_row(W + (size_t)n * K, xq, xs, K) * scale[n]);
     free(xf);
     free(xq);
     free(xs);
