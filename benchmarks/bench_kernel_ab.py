@@ -1,7 +1,7 @@
 """The native decode kernels of the working tree against those of another commit, in one process, on the 1.3B.
 
 Compiles `engine/kernels/native/decode_kernels.c` as it is at REV (default HEAD) with the same flags as the
-engine, and times 8-bit and 4-bit decode steps (bench_decode's models, context 600) round robin, each step run
+engine, and times bf16, 8-bit and 4-bit decode steps (bench_decode's models, context 600) round robin, each step run
 with one library or the other swapped in. One run, one machine: the only difference between rows is the C source.
 
     .venv/bin/python benchmarks/bench_kernel_ab.py [--against HEAD] [--steps 30] [--warmup 3]
@@ -54,9 +54,11 @@ def main():
         hf, model = bd.build()
         cfg = hf.config
         del hf
+        bf16 = bd.sharing(model)
+        bd.upcast_matmuls(bf16)  # as the runtime sets up bf16 on a CPU without bf16 instructions
         int8 = bd.quantized_decoder(bd.sharing(model), bd.Int8Linear)
         nf4 = bd.quantized_decoder(bd.sharing(model), bd.NF4Linear)
-        _, caches = bd.filled_caches(cfg, args.context, torch.bfloat16, 4)
+        _, caches = bd.filled_caches(cfg, args.context, torch.bfloat16, 6)
 
         def using(lib, decoder):  # gemv_* look the library up through native.kernels() at every call
             def run():
@@ -64,7 +66,8 @@ def main():
                 decoder()
             return run
 
-        rows = {f"--load-8bit, kernels of {args.against}": (theirs, int8), "--load-8bit, working tree": (ours, int8),
+        rows = {f"bf16, kernels of {args.against}": (theirs, bf16), "bf16, working tree": (ours, bf16),
+                f"--load-8bit, kernels of {args.against}": (theirs, int8), "--load-8bit, working tree": (ours, int8),
                 f"--load-4bit, kernels of {args.against}": (theirs, nf4), "--load-4bit, working tree": (ours, nf4)}
         runs = {name: using(lib, bd.Decoder(m, cache)) for (name, (lib, m)), cache in zip(rows.items(), caches)}
         results = bd.round_robin(runs, args.warmup, args.steps)
