@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -31,10 +30,8 @@ def library_at(rev: str, workdir: Path) -> ctypes.CDLL:
     relative = native.SOURCE.resolve().relative_to(repo)
     text = subprocess.run(["git", "show", f"{rev}:{relative}"], cwd=repo, capture_output=True, text=True,
                           check=True).stdout
-    (workdir / "kernels.c").write_text(text)
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    subprocess.run([compiler, *native.FLAGS, str(workdir / "kernels.c"), "-o", str(workdir / "kernels.so")], check=True)
-    return native._bind(ctypes.CDLL(str(workdir / "kernels.so")))
+    (workdir / "decode_kernels.c").write_text(text)
+    return native._bind(ctypes.CDLL(str(native._build(native.compiler(), workdir / "decode_kernels.c"))))
 
 
 def main():

@@ -51,8 +51,13 @@ def _cpu_supported() -> str | None:
     return f"the CPU lacks {', '.join(sorted(missing))}" if missing else None
 
 
-def _build(compiler: str) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(compiler: str, source: Path = SOURCE) -> Path:
+    """The shared library of `source` (benchmarks pass an older revision of it), compiled once per source text."""
+    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
     target = cache_dir() / f"decode_kernels-{key}.so"
     if target.exists():
         return target
@@ -60,7 +65,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        result = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
         os.replace(tmp, target)  # atomic: another process sees the old state or the whole library
@@ -118,11 +123,11 @@ def _decide() -> ctypes.CDLL | None:
                 reason = "disabled by DSVL_NATIVE=0"
             elif cpu := _cpu_supported():
                 reason = cpu
-            elif not (compiler := os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+            elif not (cc := compiler()):
                 reason = "no C compiler (cc or gcc) on PATH"
             else:
                 try:
-                    lib, reason = _bind(ctypes.CDLL(str(_build(compiler)))), "loaded"
+                    lib, reason = _bind(ctypes.CDLL(str(_build(cc)))), "loaded"
                 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                     reason = f"build failed: {e}"
             _state["lib"] = lib
