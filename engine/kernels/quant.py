@@ -16,8 +16,9 @@ it faster than bf16 instead.
   weight), multiplied by PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`), so 4-bit needs no
   compiler. About as accurate as NF4 on Gaussian weights (~9% relative error per product).
 
-Many-row products (prefill) are compute-bound: int8 and NF4 dequantize to fp32 and use PyTorch's matmul, which
-on CPUs without bf16 instructions runs several times faster than bf16; int4 uses its kernel for all rows.
+Many-row products (prefill) are compute-bound: int8 and NF4 dequantize to fp32 (into a reused buffer when no
+gradient is wanted: `scratch.py`) and use PyTorch's matmul, which on CPUs without bf16 instructions runs several
+times faster than bf16; int4 uses its kernel for all rows.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import native, scratch
 
 
 def quantize_rows(weight: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,8 +72,14 @@ class QuantizedLinear(nn.Module):
         """The weight [N, K] as floats."""
         raise NotImplementedError
 
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Writes the weight into out (fp32 [N, K]); returns out."""
+        return out.copy_(self.dequantized(torch.float32))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.one_row(x) if x.numel() == self.in_features else self.many_rows(x)  # one row: memory-bound
+        if y is None:
+            y = scratch.linear(x, self.out_features, self.dequantize_into)  # inference on a CPU: reused buffers
         if y is None:
             compute = torch.float32 if x.device.type == "cpu" else x.dtype
             y = F.linear(x.to(compute), self.dequantized(compute)).to(x.dtype)
@@ -98,8 +105,11 @@ class Int8Linear(QuantizedLinear):
             y = y.view(*x.shape[:-1], self.out_features)
         return y
 
+    def dequantize_into(self, out):
+        return out.copy_(self.weight).mul_(self.scale[:, None])
+
     def dequantized(self, dtype):
-        return (self.weight.to(torch.float32) * self.scale[:, None]).to(dtype)
+        return self.dequantize_into(torch.empty(self.weight.shape, device=self.weight.device)).to(dtype)
 
 
 class NF4Linear(QuantizedLinear):
@@ -123,14 +133,17 @@ class NF4Linear(QuantizedLinear):
     def one_row(self, x):
         return native.gemv_nf4(x, self.packed, self.absmax, self.levels_int8, (self.out_features, self.in_features))
 
-    def dequantized(self, dtype):
-        numel = self.out_features * self.in_features
-        weight = native.dequantize_nf4(self.packed, self.absmax, self.levels, numel)
-        if weight is None:
+    def dequantize_into(self, out):
+        if not native.dequantize_nf4(self.packed, self.absmax, self.levels, out):
+            numel = out.numel()
             codes = torch.stack((self.packed >> 4, self.packed & 15), dim=1).flatten().long()  # [N·K]
             scales = self.absmax.repeat_interleave(self.BLOCK)[:numel]
-            weight = self.levels[codes] * scales
-        return weight.view(self.out_features, self.in_features).to(dtype)
+            out.view(-1).copy_(self.levels[codes] * scales)
+        return out
+
+    def dequantized(self, dtype):
+        shape = (self.out_features, self.in_features)
+        return self.dequantize_into(torch.empty(shape, device=self.packed.device)).to(dtype)
 
 
 class Int4Linear(QuantizedLinear):

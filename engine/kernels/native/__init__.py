@@ -201,15 +201,18 @@ def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, levels
     return y
 
 
-def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, numel: int) -> torch.Tensor | None:
-    """fp32 [numel] weights from packed NF4 codes, absmax per 64 and the 16 fp32 levels; None if not applicable."""
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, out: torch.Tensor) -> bool:
+    """Writes into out (fp32, contiguous) the weights of packed NF4 codes, absmax per 64 and the 16 fp32 levels;
+    False, leaving out alone, if not applicable."""
     lib = kernels()
-    if lib is None or numel % 2 or packed.device.type != "cpu" or not (packed.is_contiguous() and absmax.is_contiguous()):
-        return None
-    out = torch.empty(numel, dtype=torch.float32)
+    numel = out.numel()
+    if (lib is None or numel % 2 or packed.numel() * 2 < numel or packed.device.type != "cpu"
+            or out.device.type != "cpu" or out.dtype != torch.float32
+            or not (packed.is_contiguous() and absmax.is_contiguous() and out.is_contiguous())):
+        return False
     lib.dsvl_dequantize_nf4(packed.data_ptr(), absmax.data_ptr(), levels.data_ptr(), out.data_ptr(), numel,
                             torch.get_num_threads())
-    return out
+    return True
 
 
 def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:

@@ -1,0 +1,110 @@
+"""Many-row fp32 products through reused buffers (engine/kernels/scratch.py): the same bits as the allocating
+path, results that do not alias the buffers, one set of buffers per thread, and the allocating path wherever a
+gradient is wanted or a product is over the cap."""
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.kernels import scratch
+from engine.kernels.bf16 import upcast_matmuls
+from engine.kernels.quant import Int8Linear, NF4Linear
+
+
+def bf16_linear(n_in=256, n_out=96, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(n_in, n_out).to(torch.bfloat16)
+    upcast_matmuls(linear)
+    return linear
+
+
+def test_bf16_product_through_the_buffers_is_the_fp32_product():
+    linear = bf16_linear()
+    x = torch.randn(2, 40, 256, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), linear.weight.float(), linear.bias.float()).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert scratch.applies(x, linear.out_features)
+        y = linear(x)
+    assert y.shape == (2, 40, 96) and y.dtype == torch.bfloat16
+    assert torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("kind", [Int8Linear, NF4Linear])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantized_product_through_the_buffers_is_the_dequantized_product(kind, dtype):
+    torch.manual_seed(1)
+    q = kind(nn.Linear(256, 128, bias=False))
+    x = torch.randn(30, 256, dtype=dtype)
+    expected = F.linear(x.float(), q.dequantized(torch.float32)).to(dtype)
+    with torch.no_grad():
+        y = q(x)
+    assert y.dtype == dtype and torch.equal(y, expected)
+
+
+def test_results_do_not_alias_the_buffers():
+    linear = bf16_linear()
+    a, b = (torch.randn(20, 256, dtype=torch.bfloat16) for _ in range(2))
+    with torch.inference_mode():
+        ya = linear(a)
+        kept = ya.clone()
+        linear(b)
+        linear_fp32 = Int8Linear(nn.Linear(256, 96, bias=False))
+        y32 = linear_fp32(a.float())
+        kept32 = y32.clone()
+        linear_fp32(b.float())
+    assert torch.equal(ya, kept) and torch.equal(y32, kept32)
+
+
+def test_training_takes_the_allocating_path_and_gets_its_gradients():
+    linear = bf16_linear()
+    x = torch.randn(20, 256, dtype=torch.bfloat16, requires_grad=True)
+    assert not scratch.applies(x, linear.out_features)  # grad mode: the buffers would be saved for backward
+    linear(x).float().square().sum().backward()
+    reference = x.detach().float().requires_grad_()
+    F.linear(reference, linear.weight.float(), linear.bias.float()).to(torch.bfloat16).float().square().sum().backward()
+    assert torch.equal(x.grad, reference.grad.to(torch.bfloat16))
+
+
+def test_buffers_made_in_inference_mode_serve_no_grad_callers():
+    # The app generates under inference_mode, evaluation and training's sampling under no_grad, in one process.
+    scratch._local.__dict__.clear()
+    linear = bf16_linear()
+    x = torch.randn(20, 256, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        first = linear(x)
+    with torch.no_grad():
+        assert torch.equal(linear(x), first)
+
+
+def test_a_product_over_the_cap_allocates(monkeypatch):
+    linear = bf16_linear()
+    x = torch.randn(20, 256, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), linear.weight.float(), linear.bias.float()).to(torch.bfloat16)
+    monkeypatch.setattr(scratch, "MAX_ELEMENTS", 256 * 96 - 1)
+    with torch.inference_mode():
+        assert not scratch.applies(x, linear.out_features)
+        assert torch.equal(linear(x), expected)
+
+
+def test_each_thread_has_its_own_buffers():
+    # Two threads multiplying different shapes at once: a shared buffer would mix their weights and rows.
+    layers = [bf16_linear(256, 96, seed=2), bf16_linear(512, 160, seed=3)]
+    inputs = [torch.randn(33, 256, dtype=torch.bfloat16), torch.randn(17, 512, dtype=torch.bfloat16)]
+    expected = [F.linear(x.float(), l.weight.float(), l.bias.float()).to(torch.bfloat16) for l, x in zip(layers, inputs)]
+    wrong = []
+
+    def work(i):
+        with torch.inference_mode():
+            for _ in range(200):
+                if not torch.equal(layers[i](inputs[i]), expected[i]):
+                    wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
