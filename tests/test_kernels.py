@@ -143,7 +143,8 @@ def test_int8_linear_without_native_kernels_uses_pytorch():
 @needs_kernels
 @pytest.mark.parametrize("H, Hkv, S", [(4, 4, 1), (8, 2, 37), (16, 16, 600)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attend_decode_matches_softmax_attention_over_the_cache(H, Hkv, S, dtype):
+@pytest.mark.parametrize("sharpness", [1.0, 30.0])  # 30: scores spread over hundreds, most weights below e^-87
+def test_attend_decode_matches_softmax_attention_over_the_cache(H, Hkv, S, dtype, sharpness):
     from engine.model.llama import KVCache
 
     D = 64
@@ -151,7 +152,7 @@ def test_attend_decode_matches_softmax_attention_over_the_cache(H, Hkv, S, dtype
     cache = KVCache(capacity=16)  # grows by doubling: the kernel reads views into a larger buffer
     k, v = (torch.randn(1, Hkv, S, D, generator=g).to(dtype) for _ in range(2))
     k, v = cache.update(k, v, 0)
-    q = torch.randn(1, H, 1, D, generator=g).to(dtype)
+    q = (torch.randn(1, H, 1, D, generator=g) * sharpness).to(dtype)
     y = native.attend_decode(q, k, v, D**-0.5)
     assert y is not None and y.shape == (1, 1, H * D) and y.dtype == dtype
     kf, vf = (t.float().repeat_interleave(H // Hkv, dim=1) for t in (k, v))
