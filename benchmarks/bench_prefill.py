@@ -1,9 +1,10 @@
-"""Prefill speed of the 1.3B language model on this CPU with the reused fp32 buffers of engine/kernels/scratch.py
+"""Prefill and image-encode speed of the 1.3B on this CPU with the reused fp32 buffers of engine/kernels/scratch.py
 and without them (the allocating path: each weight converted or dequantized into a new tensor per product).
 
 bench_decode's models (random bf16 1.3B; --load-8bit and --load-4bit as the runtime builds them on a CPU) run
-the chat's prefill call on one --context-token prompt, every row in turn for --reps rounds, so all rows see the
-same drift in the machine's load. Also prints a torch.profiler split of one bf16 prefill each way.
+the chat's prefill call on one --context-token prompt, and bench_vision's 1.3B SigLIP-L tower (random weights,
+bf16 with fp32 products, as the app runs it) encodes one 384² image; every row in turn for --reps rounds, so all
+rows see the same drift in the machine's load. Also prints a torch.profiler split of one bf16 prefill each way.
 
     .venv/bin/python benchmarks/bench_prefill.py [--context 600] [--reps 3]
 
@@ -21,12 +22,18 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import bench_decode as bd
+import bench_vision as bv
 from engine.kernels import scratch
 
 
 @torch.inference_mode()
 def prefill(model, ids: torch.Tensor):
     model(input_ids=ids, cache=model.new_cache(), use_cache=True, logits_to_keep=1)
+
+
+@torch.inference_mode()
+def encode(tower, pixels: torch.Tensor):
+    tower(pixels)
 
 
 def with_buffers(on: bool) -> int:
@@ -46,6 +53,13 @@ def split(model, ids) -> str:
     return f"{total / 1e3:.2f} s: " + ", ".join(f"{name.removeprefix('aten::')} {t / 1e3:.2f}" for t, name in ms[:4])
 
 
+def cell(seconds: list[float], tokens: int | None) -> str:
+    """Tokens/s of a prefill (tokens given) or seconds per image: median (slowest–fastest)."""
+    if tokens:
+        return f"{tokens / statistics.median(seconds):.1f} tok/s ({tokens / max(seconds):.1f}–{tokens / min(seconds):.1f})"
+    return f"{statistics.median(seconds):.2f} s/image ({min(seconds):.2f}–{max(seconds):.2f})"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=600)
@@ -60,12 +74,17 @@ def main():
     models = {"bf16": bf16, "--load-8bit": bd.quantized_decoder(bd.sharing(model), bd.Int8Linear),
               "--load-4bit": bd.quantized_decoder(bd.sharing(model), bd.NF4Linear)}
     ids = torch.randint(3, 1000, (1, args.context), generator=torch.Generator().manual_seed(3))
-    times: dict[tuple[str, bool], list[float]] = {(name, on): [] for name in models for on in (False, True)}
+    tower = bv.our_tower(bv.full_configs()["1.3b"]).to(torch.bfloat16).eval()
+    bd.upcast_matmuls(tower)
+    pixels = (2 * torch.rand(1, 3, 384, 384, generator=torch.Generator().manual_seed(1)) - 1).to(torch.bfloat16)
+    runs = {name: (lambda m=m: prefill(m, ids)) for name, m in models.items()}
+    runs["1.3B SigLIP-L encode"] = lambda: encode(tower, pixels)
+    times: dict[tuple[str, bool], list[float]] = {(name, on): [] for name in runs for on in (False, True)}
     for rep in range(args.reps + 1):  # the first round warms up (buffers sized, kernels built): not counted
         for (name, on), seconds in times.items():
             with_buffers(on)
             t = time.perf_counter()
-            prefill(models[name], ids)
+            runs[name]()
             if rep:
                 seconds.append(time.perf_counter() - t)
     splits = {}
@@ -75,13 +94,13 @@ def main():
     with_buffers(True)
 
     print(f"CPU: {bd.cpu_name()}, torch {torch.__version__} ({torch.get_num_threads()} threads), 1-min load average "
-          f"before {load_before:.2f}, after {os.getloadavg()[0]:.2f}; 1.3B LM, a {args.context}-token prefill, "
-          f"{args.reps} timed rounds after one warm-up, round robin\n")
-    print("| model | allocating: tok/s (median; min-max) | reused buffers: tok/s | ratio |\n|---|---|---|---|")
-    for name in models:
-        old, new = (args.context / statistics.median(times[name, on]) for on in (False, True))
-        spread = lambda on: "–".join(f"{args.context / t:.1f}" for t in (max(times[name, on]), min(times[name, on])))
-        print(f"| {name} | {old:.1f} ({spread(False)}) | {new:.1f} ({spread(True)}) | {new / old:.2f}× |")
+          f"before {load_before:.2f}, after {os.getloadavg()[0]:.2f}; 1.3B LM, a {args.context}-token prefill; "
+          f"1.3B SigLIP-L, one 384² image; {args.reps} timed rounds after one warm-up, round robin\n")
+    print("| run | allocating (median; min–max) | reused buffers | ratio |\n|---|---|---|---|")
+    for name in runs:
+        old, new = (statistics.median(times[name, on]) for on in (False, True))
+        tokens = args.context if name in models else None
+        print(f"| {name} | {cell(times[name, False], tokens)} | {cell(times[name, True], tokens)} | {old / new:.2f}× faster |")
     print(f"\nbf16 prefill under torch.profiler, self CPU time: allocating {splits[False]}; "
           f"reused buffers {splits[True]}")
 
