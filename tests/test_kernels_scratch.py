@@ -1,6 +1,6 @@
 """Many-row fp32 products through reused buffers (engine/kernels/scratch.py): the same bits as the allocating
-path, results that do not alias the buffers, one set of buffers per thread, and the allocating path wherever a
-gradient is wanted or a product is over the cap."""
+path, results that do not alias the buffers, threads that never share a product's buffers, and the allocating
+path wherever a gradient is wanted or a product is over the cap."""
 
 import threading
 
@@ -70,7 +70,7 @@ def test_training_takes_the_allocating_path_and_gets_its_gradients():
 
 def test_buffers_made_in_inference_mode_serve_no_grad_callers():
     # The app generates under inference_mode, evaluation and training's sampling under no_grad, in one process.
-    scratch._local.__dict__.clear()
+    scratch._buffers.clear()
     linear = bf16_linear()
     x = torch.randn(20, 256, dtype=torch.bfloat16)
     with torch.inference_mode():
@@ -89,8 +89,8 @@ def test_a_product_over_the_cap_allocates(monkeypatch):
         assert torch.equal(linear(x), expected)
 
 
-def test_each_thread_has_its_own_buffers():
-    # Two threads multiplying different shapes at once: a shared buffer would mix their weights and rows.
+def test_threads_multiplying_at_once_get_their_own_products():
+    # Two threads multiplying different shapes at once: a buffer written by both would mix their weights and rows.
     layers = [bf16_linear(256, 96, seed=2), bf16_linear(512, 160, seed=3)]
     inputs = [torch.randn(33, 256, dtype=torch.bfloat16), torch.randn(17, 512, dtype=torch.bfloat16)]
     expected = [F.linear(x.float(), l.weight.float(), l.bias.float()).to(torch.bfloat16) for l, x in zip(layers, inputs)]
@@ -108,3 +108,12 @@ def test_each_thread_has_its_own_buffers():
     for t in threads:
         t.join()
     assert wrong == []
+
+
+def test_a_product_finding_the_buffers_in_use_allocates():
+    linear = bf16_linear()
+    x = torch.randn(20, 256, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), linear.weight.float(), linear.bias.float()).to(torch.bfloat16)
+    with torch.inference_mode(), scratch._lock:  # as if another thread's product were running
+        assert scratch.linear(x, linear.out_features, lambda w: w.copy_(linear.weight)) is None
+        assert torch.equal(linear(x), expected)

@@ -6,9 +6,11 @@ are freed, so each call faults tens of MB of fresh pages in again. Measured on t
 [5632 × 2048] weight: bf16 → fp32 22 ms into a new tensor, 3 ms into a reused one; int8 dequantization 44 vs
 4 ms; the [600 × 2048] product itself 102 vs 92 ms when its output buffer is reused.
 
-Each thread keeps three flat fp32 buffers (weight, input rows, output), grown to the largest product it has run,
-up to MAX_ELEMENTS each: the 7B's largest decoder matrix (45 M weights) fits, an output layer over every position
-(the 1.3B's is 210 M weights) takes the allocating path instead of pinning a gigabyte.
+The process keeps one set of three flat fp32 buffers (weight, input rows, output), grown to the largest product
+run, up to MAX_ELEMENTS each: the 7B's largest decoder matrix (45 M weights) fits, an output layer over every
+position (the 1.3B's is 210 M weights) takes the allocating path instead of pinning a gigabyte. One set, not one
+per thread: the app runs each request on a new or pooled thread, and per-thread sets would multiply the memory.
+A product that finds the set in use by another thread allocates as before instead of waiting.
 """
 
 from __future__ import annotations
@@ -20,22 +22,21 @@ import torch
 
 MAX_ELEMENTS = 64 * 2**20  # per buffer: 256 MB of fp32
 
-_local = threading.local()
+_lock = threading.Lock()  # held for the whole product: the buffers' contents belong to one product at a time
+_buffers: dict[str, torch.Tensor] = {}
 
 
 def _buffer(name: str, numel: int) -> torch.Tensor:
-    buf = getattr(_local, name, None)
+    buf = _buffers.get(name)
     if buf is None or buf.numel() < numel:
-        buf = None  # the old one is freed before the larger one is allocated
-        setattr(_local, name, None)
+        _buffers.pop(name, None)  # the old one is freed before the larger one is allocated
         with torch.inference_mode(False):  # an inference tensor could not be written later under no_grad
-            buf = torch.empty(numel, dtype=torch.float32)
-        setattr(_local, name, buf)
+            buf = _buffers[name] = torch.empty(numel, dtype=torch.float32)
     return buf[:numel]
 
 
 def applies(x: torch.Tensor, out_features: int) -> bool:
-    """True where `linear` runs: CPU, no autograd (the buffers are overwritten by the next call, so nothing may
+    """True where `linear` may run: CPU, no autograd (the buffers are overwritten by the next call, so nothing may
     save them for a backward pass), every buffer within the cap."""
     rows = x.numel() // x.shape[-1]
     return (x.device.type == "cpu" and not torch.is_grad_enabled()
@@ -45,20 +46,24 @@ def applies(x: torch.Tensor, out_features: int) -> bool:
 def linear(x: torch.Tensor, out_features: int, weight_into: Callable[[torch.Tensor], object],
            bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [..., K] times a weight [out_features, K] that `weight_into(w)` writes into the fp32 buffer w, plus bias,
-    computed in fp32 → [..., out_features] in x's dtype. None where it does not apply (see `applies`)."""
-    if not applies(x, out_features):
+    computed in fp32 → [..., out_features] in x's dtype. None where it does not apply (see `applies`) or while
+    another thread's product holds the buffers."""
+    if not applies(x, out_features) or not _lock.acquire(blocking=False):
         return None
-    K = x.shape[-1]
-    rows = x.reshape(-1, K)
-    M, N = rows.shape[0], out_features
-    weight = _buffer("weight", N * K).view(N, K)
-    weight_into(weight)
-    if rows.dtype != torch.float32:
-        rows = _buffer("input", M * K).view(M, K).copy_(rows)
-    # An fp32 caller keeps the result, so only a result converted to another dtype goes through a buffer.
-    out = _buffer("output", M * N).view(M, N) if x.dtype != torch.float32 else torch.empty(M, N)
-    if bias is None:
-        torch.mm(rows, weight.t(), out=out)
-    else:
-        torch.addmm(bias.float(), rows, weight.t(), out=out)
-    return out.to(x.dtype).view(*x.shape[:-1], N)
+    try:
+        K = x.shape[-1]
+        rows = x.reshape(-1, K)
+        M, N = rows.shape[0], out_features
+        weight = _buffer("weight", N * K).view(N, K)
+        weight_into(weight)
+        if rows.dtype != torch.float32:
+            rows = _buffer("input", M * K).view(M, K).copy_(rows)
+        # An fp32 caller keeps the result, so only a result converted to another dtype goes through a buffer.
+        out = _buffer("output", M * N).view(M, N) if x.dtype != torch.float32 else torch.empty(M, N)
+        if bias is None:
+            torch.mm(rows, weight.t(), out=out)
+        else:
+            torch.addmm(bias.float(), rows, weight.t(), out=out)
+        return out.to(x.dtype).view(*x.shape[:-1], N)
+    finally:
+        _lock.release()
