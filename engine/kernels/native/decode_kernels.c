@@ -114,11 +114,17 @@ static void quantize_blocks(const float *x, int8_t *xq, float *scales, int K, in
     for (int b = 0; b < K / block; b++) {
         const float *v = x + b * block;
         int8_t *out = xq + b * block;
-        float amax = 0.0f;
-        for (int i = 0; i < block; i++) amax = fmaxf(amax, fabsf(v[i]));
+        /* block is a multiple of 8. max_ps(|v|, a) keeps a where |v| is NaN, as fmaxf would. */
+        __m256 a8 = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+        for (int i = 0; i < block; i += 8) a8 = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)), a8);
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps(a8, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
         float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         scales[b] = amax / 127.0f;
-        for (int i = 0; i < block; i++) out[split ? (i % 2) * (block / 2) + i / 2 : i] = (int8_t)lrintf(v[i] * inv);
+        /* cvtss2si rounds as lrintf does (to nearest even, the default mode) without a call into libm */
+        for (int i = 0; i < block; i++)
+            out[split ? (i % 2) * (block / 2) + i / 2 : i] = (int8_t)_mm_cvtss_si32(_mm_set_ss(v[i] * inv));
     }
 }
 
