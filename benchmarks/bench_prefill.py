@@ -36,13 +36,12 @@ def encode(tower, pixels: torch.Tensor):
     tower(pixels)
 
 
-def with_buffers(on: bool) -> int:
+CAP = scratch.MAX_ELEMENTS
+
+
+def with_buffers(on: bool) -> None:
     """Sets the cap that decides whether products go through the buffers (0: none does)."""
     scratch.MAX_ELEMENTS = CAP if on else 0
-    return scratch.MAX_ELEMENTS
-
-
-CAP = scratch.MAX_ELEMENTS
 
 
 def split(model, ids) -> str:
