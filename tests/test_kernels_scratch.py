@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels import scratch
+from engine.kernels import native, scratch
 from engine.kernels.bf16 import upcast_matmuls
 from engine.kernels.quant import Int8Linear, NF4Linear
 
@@ -42,6 +42,18 @@ def test_quantized_product_through_the_buffers_is_the_dequantized_product(kind, 
     with torch.no_grad():
         y = q(x)
     assert y.dtype == dtype and torch.equal(y, expected)
+
+
+def test_nf4_without_native_kernels_dequantizes_into_the_buffer_the_same_weights():
+    # The PyTorch form of NF4 dequantization writes into the buffer where the C kernel cannot run.
+    torch.manual_seed(4)
+    q = NF4Linear(nn.Linear(256, 128, bias=False))
+    x = torch.randn(30, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = q(x)
+        with native.disabled():
+            assert native.kernels() is None
+            assert torch.equal(q(x), expected)
 
 
 def test_results_do_not_alias_the_buffers():
