@@ -92,6 +92,12 @@ def filled_caches(cfg: LlamaConfig, context: int, dtype, n_ours: int):
     return hf_cache, our_caches
 
 
+@torch.inference_mode()
+def prefill(model, ids: torch.Tensor):
+    """The chat's prefill call: a prompt [1, T] through the LM from an empty cache, logits of the last position."""
+    model(input_ids=ids, cache=model.new_cache(), use_cache=True, logits_to_keep=1)
+
+
 def step(model, cache, token: int):
     pos = cache.get_seq_length()
     out = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[pos]]), cache=cache, use_cache=True)

@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 import gguf  # noqa: E402
 
 from benchmarks.bench_decode import (CONFIG, Decoder, build, cpu_name, filled_caches,  # noqa: E402
-                                     quantized_decoder, round_robin, sharing)
+                                     prefill as prefill_ours, quantized_decoder, round_robin, sharing)
 from benchmarks.bench_engine import median_time  # noqa: E402
 from engine.kernels import native  # noqa: E402
 from engine.kernels.bf16 import native_bf16, upcast_matmuls  # noqa: E402
@@ -178,11 +178,6 @@ def llama_cpp_version(bin_dir: Path) -> str:
 
 
 # ------------------------------------------------------------------ ours and transformers
-@torch.inference_mode()
-def prefill_ours(model, ids: torch.Tensor):
-    model(input_ids=ids, cache=model.new_cache(), use_cache=True, logits_to_keep=1)
-
-
 @torch.inference_mode()
 def prefill_hf(model, ids: torch.Tensor):
     model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)

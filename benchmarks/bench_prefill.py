@@ -27,11 +27,6 @@ from engine.kernels import scratch
 
 
 @torch.inference_mode()
-def prefill(model, ids: torch.Tensor):
-    model(input_ids=ids, cache=model.new_cache(), use_cache=True, logits_to_keep=1)
-
-
-@torch.inference_mode()
 def encode(tower, pixels: torch.Tensor):
     tower(pixels)
 
@@ -46,7 +41,7 @@ def with_buffers(on: bool) -> None:
 
 def split(model, ids) -> str:
     with profile(activities=[ProfilerActivity.CPU]) as p:
-        prefill(model, ids)
+        bd.prefill(model, ids)
     ms = sorted(((e.self_cpu_time_total / 1e3, e.key) for e in p.key_averages()), reverse=True)
     total = sum(t for t, _ in ms)
     return f"{total / 1e3:.2f} s: " + ", ".join(f"{name.removeprefix('aten::')} {t / 1e3:.2f}" for t, name in ms[:4])
@@ -76,7 +71,7 @@ def main():
     tower = bv.our_tower(bv.full_configs()["1.3b"]).to(torch.bfloat16).eval()
     bd.upcast_matmuls(tower)
     pixels = (2 * torch.rand(1, 3, 384, 384, generator=torch.Generator().manual_seed(1)) - 1).to(torch.bfloat16)
-    runs = {name: (lambda m=m: prefill(m, ids)) for name, m in models.items()}
+    runs = {name: (lambda m=m: bd.prefill(m, ids)) for name, m in models.items()}
     runs["1.3B SigLIP-L encode"] = lambda: encode(tower, pixels)
     times: dict[tuple[str, bool], list[float]] = {(name, on): [] for name in runs for on in (False, True)}
     for rep in range(args.reps + 1):  # the first round warms up (buffers sized, kernels built): not counted
