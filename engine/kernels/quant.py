@@ -69,8 +69,9 @@ class QuantizedLinear(nn.Module):
         return None
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight [N, K] as floats."""
-        raise NotImplementedError
+        """The weight [N, K] as floats. A subclass defines this or `dequantize_into`."""
+        device = next(self.buffers()).device
+        return self.dequantize_into(torch.empty(self.out_features, self.in_features, device=device)).to(dtype)
 
     def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
         """Writes the weight into out (fp32 [N, K]); returns out."""
@@ -108,9 +109,6 @@ class Int8Linear(QuantizedLinear):
     def dequantize_into(self, out):
         return out.copy_(self.weight).mul_(self.scale[:, None])
 
-    def dequantized(self, dtype):
-        return self.dequantize_into(torch.empty(self.weight.shape, device=self.weight.device)).to(dtype)
-
 
 class NF4Linear(QuantizedLinear):
     kind = "nf4"
@@ -140,10 +138,6 @@ class NF4Linear(QuantizedLinear):
             scales = self.absmax.repeat_interleave(self.BLOCK)[:numel]
             out.view(-1).copy_(self.levels[codes] * scales)
         return out
-
-    def dequantized(self, dtype):
-        shape = (self.out_features, self.in_features)
-        return self.dequantize_into(torch.empty(shape, device=self.packed.device)).to(dtype)
 
 
 class Int4Linear(QuantizedLinear):
