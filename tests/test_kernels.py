@@ -40,8 +40,8 @@ def test_gemv_bf16_matches_float_reference(N, K, dtype):
     g = torch.Generator().manual_seed(N + K)
     weight = torch.randn(N, K, generator=g).to(torch.bfloat16)
     x = torch.randn(1, 1, K, generator=g).to(dtype)
-    y = native.gemv_bf16(x, weight)
-    assert y is not None and y.shape == (1, 1, N) and y.dtype == dtype
+    (y,) = native.gemv(x, [native.Weight(native.BF16, weight, N, K)])
+    assert y.shape == (1, 1, N) and y.dtype == dtype
     reference = x.float() @ weight.float().T
     # fp32 accumulation in another order, then (bf16 output) one rounding: within half a bf16 step.
     tolerance = (2**-8 if dtype == torch.bfloat16 else 1e-5) * reference.abs() + 1e-4 * K**0.5
@@ -55,8 +55,8 @@ def test_gemv_int8_is_exact_integer_arithmetic(N, K, dtype):
     g = torch.Generator().manual_seed(N * K)
     weight, scale = quantize_rows(torch.randn(N, K, generator=g))
     x = torch.randn(K, generator=g).to(dtype)
-    y = native.gemv_int8(x, weight, scale)
-    assert y is not None and y.shape == (N,) and y.dtype == dtype
+    (y,) = native.gemv(x, [native.Weight(native.INT8, weight, N, K, scale)])
+    assert y.shape == (N,) and y.dtype == dtype
     xq, xs = _quantize_blocks_of(x, 32)
     # Per block an exact integer dot product, scaled by the block's activation scale and the row's scale.
     per_block = torch.einsum("nbk,bk->nb", weight.double().reshape(N, -1, 32), xq.double())
@@ -69,14 +69,23 @@ def test_gemv_int8_is_exact_integer_arithmetic(N, K, dtype):
 
 @needs_kernels
 def test_kernels_decline_what_they_cannot_do():
+    def bf16(w):
+        return native.Weight(native.BF16, w, *w.shape)
+
     w16 = torch.randn(8, 48).to(torch.bfloat16)
-    assert native.gemv_bf16(torch.randn(1, 40), torch.randn(8, 40).to(torch.bfloat16)) is None  # K % 16
-    assert native.gemv_bf16(torch.randn(2, 48), w16) is None  # two rows: not a matrix-vector product
-    assert native.gemv_bf16(torch.randn(1, 48).half(), w16) is None  # fp16 activations
-    assert native.gemv_bf16(torch.randn(1, 48), w16.float()) is None  # fp32 weights
-    assert native.gemv_bf16(torch.randn(1, 48), torch.randn(48, 8).to(torch.bfloat16).T) is None  # not contiguous
+    assert native.gemv(torch.randn(1, 40), [bf16(torch.randn(8, 40).to(torch.bfloat16))]) is None  # K % 16
+    assert native.gemv(torch.randn(2, 48), [bf16(w16)]) is None  # two rows: not a matrix-vector product
+    assert native.gemv(torch.randn(1, 48).half(), [bf16(w16)]) is None  # fp16 activations
+    assert native.gemv(torch.randn(1, 48), [bf16(w16.float())]) is None  # fp32 weights
+    assert native.gemv(torch.randn(1, 48), [bf16(torch.randn(48, 8).to(torch.bfloat16).T)]) is None  # not contiguous
+    assert native.gemv(torch.randn(1, 64), [bf16(w16)]) is None  # x and weight disagree on K
     w8, s8 = quantize_rows(torch.randn(8, 48))
-    assert native.gemv_int8(torch.randn(1, 48), w8, s8) is None  # K % 32
+    assert native.gemv(torch.randn(1, 48), [native.Weight(native.INT8, w8, 8, 48, s8)]) is None  # K % 32
+    w8, s8 = quantize_rows(torch.randn(8, 64))
+    int8 = native.Weight(native.INT8, w8, 8, 64, s8)
+    assert native.gemv(torch.randn(1, 64), [int8, bf16(torch.randn(8, 64).to(torch.bfloat16))]) is None  # two kinds
+    assert native.gemv(torch.randn(1, 64), [int8._replace(scale=s8[:4])]) is None  # a scale per row missing
+    assert native.gemv(torch.randn(1, 64), [int8, int8._replace(rows=4, data=w8[:4])], swiglu=True) is None  # shapes
 
 
 def test_disabled_by_environment():
@@ -96,6 +105,102 @@ def test_a_broken_compiler_falls_back_with_the_reason(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True, env=env)
     first, reason = out.stdout.strip().splitlines()
     assert first == "True" and reason.startswith("build failed:") and "no such thing" in reason
+
+
+# ------------------------------------------------------------------ several products of one activation
+def _linears(kind: str, shapes, dtype, seed=0):
+    """Decode-ready linears [N, K] of one kind, as the runtime swaps them in: bf16 → UpcastLinear, else quantized."""
+    from engine.kernels.bf16 import upcast_matmuls
+    from engine.kernels.quant import NF4Linear
+
+    g = torch.Generator().manual_seed(seed)
+    modules = []
+    for N, K in shapes:
+        linear = nn.Linear(K, N, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(N, K, generator=g) * K**-0.5)
+        if kind == "bf16":
+            upcast_matmuls(linear.to(torch.bfloat16))
+            modules.append(linear)
+        else:
+            modules.append({"int8": Int8Linear, "nf4": NF4Linear}[kind](linear))
+    return modules
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["bf16", "int8", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linears_in_one_call_equal_one_call_each(kind, dtype):
+    from engine import kernels
+
+    q, k, v = _linears(kind, [(256, 192), (64, 192), (72, 192)], dtype)  # GQA-like: k, v narrower than q
+    x = torch.randn(1, 1, 192, generator=torch.Generator().manual_seed(5)).to(dtype)
+    with torch.no_grad():
+        fused = kernels.linears(x, q, k, v)
+        separate = [m(x) for m in (q, k, v)]
+    for a, b in zip(fused, separate):  # the same rows in the same order: bitwise equal
+        assert a.shape == b.shape and a.dtype == dtype and torch.equal(a, b)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["bf16", "int8", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N", [256, 37])  # 37: rows that are no multiple of the 8 the SiLU takes at a time
+def test_swiglu_in_one_call_matches_silu_gate_times_up(kind, dtype, N):
+    import torch.nn.functional as F
+
+    from engine import kernels
+
+    gate, up = _linears(kind, [(N, 128), (N, 128)], dtype, seed=N)
+    x = (torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(6)) * 4).to(dtype)  # gate spread over ±10
+    with torch.no_grad():
+        fused = kernels.swiglu(x, gate, up)
+        reference = F.silu(gate(x)) * up(x)  # PyTorch's ops, on the same products
+        if not (kind == "bf16" and dtype == torch.float32):  # (PyTorch multiplies bf16 weights by bf16 only)
+            with native.disabled():
+                assert torch.equal(kernels.swiglu(x, gate, up), F.silu(gate(x)) * up(x))  # the fallback is that
+    assert fused.shape == (1, 1, N) and fused.dtype == dtype
+    # The same roundings; e^x from another approximation: one last bit in bf16, a few fp32 ulps at most.
+    step = 2**-7 if dtype == torch.bfloat16 else 4e-7
+    assert ((fused.float() - reference.float()).abs() <= step * reference.float().abs() + 1e-30).all()
+    if dtype == torch.bfloat16:
+        assert (fused == reference).float().mean() > 0.97
+
+
+@needs_kernels
+def test_swiglu_keeps_nan_and_saturates_at_large_gates():
+    from engine import kernels
+
+    gate, up = _linears("bf16", [(16, 64), (16, 64)], torch.float32)
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[:, 0] = torch.tensor([0, 1, -1, 50, -50, 90, -90, 1e4, -1e4, 3, -3, 0.5, -0.5, 20, -20, 0])
+        up.weight.zero_()
+        up.weight[:, 0] = 1.0
+    x = torch.zeros(1, 64).to(torch.bfloat16)
+    x[0, 0] = 1.0
+    with torch.no_grad():
+        y = kernels.swiglu(x, gate, up).float()[0]
+        x[0, 0] = float("nan")
+        assert kernels.swiglu(x, gate, up).isnan().all()
+    g = gate.weight[:, 0].float()
+    expected = (g * torch.sigmoid(g)).to(torch.bfloat16).float()
+    assert torch.allclose(y, expected, rtol=2**-7, atol=1e-30) and y[7] == g[7] and y[8] == 0 and y[6] == 0
+
+
+def test_linears_and_swiglu_call_the_modules_where_no_native_call_applies():
+    import torch.nn.functional as F
+
+    from engine import kernels
+
+    calls = []
+    biased = nn.Linear(64, 32)  # a bias (and plain nn.Linear): not read by the native kernel
+    biased.register_forward_hook(lambda module, args, out: calls.append(module))
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        (y,) = kernels.linears(x, biased)
+        assert torch.equal(y, biased(x)) and len(calls) == 2
+        assert torch.equal(kernels.swiglu(x, biased, biased), F.silu(biased(x)) * biased(x))
 
 
 # ------------------------------------------------------------------ Int8Linear
@@ -210,17 +315,20 @@ def test_rmsnorm_matches_the_pytorch_form(dtype):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_in_place_matches_apply_rotary(dtype):
+@pytest.mark.parametrize("D", [128, 20])  # 20: half a row is no multiple of the 8 lanes (the scalar tail)
+def test_rotary_in_place_matches_apply_rotary(dtype, D):
     from engine.kernels import apply_rotary
     from engine.model.llama import Rotary
 
-    cos, sin = Rotary(128, 10000.0)(torch.tensor([[777]]), dtype)
+    cos, sin = Rotary(D, 10000.0)(torch.tensor([[777]]), dtype)
     cos, sin = cos[:, None], sin[:, None]  # [1, 1, 1, D]
-    x = torch.randn(1, 16, 1, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
-    expected = apply_rotary(x, cos, sin)
-    assert native.rotary_(x, cos, sin)
-    assert torch.equal(x, expected)
-    assert not native.rotary_(torch.randn(1, 16, 2, 128).to(dtype), cos, sin)  # two positions: not a decode step
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(1, heads, 1, D, generator=g).to(dtype) for heads in (16, 4))  # GQA: fewer key heads
+    expected = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    assert native.rotary_(q, k, cos, sin)
+    assert torch.equal(q, expected[0]) and torch.equal(k, expected[1])  # the same roundings: bitwise
+    two = torch.randn(1, 16, 2, D).to(dtype)
+    assert not native.rotary_(two, k, cos, sin) and not native.rotary_(q, two, cos, sin)  # not one decode step
 
 
 # ------------------------------------------------------------------ NF4 (bitsandbytes' 4-bit format)
@@ -253,7 +361,7 @@ def test_gemv_nf4_is_exact_integer_arithmetic(N, K, dtype):
     x = torch.randn(K, generator=torch.Generator().manual_seed(K)).to(dtype)
     y = q(x)
     assert y.shape == (N,) and y.dtype == dtype
-    assert native.gemv_nf4(x, q.packed, q.absmax, q.levels_int8, (N, K)) is not None
+    assert q.one_row(x) is not None  # the native kernel, not a fallback
     # Reference: int8 levels × activation quantized per 64 (even/odd split does not change the sum), exactly.
     codes = torch.stack((q.packed >> 4, q.packed & 15), 1).flatten().long().view(N, K // 64, 64)
     w_int = q.levels_int8[codes].double()  # [N, K/64, 64]

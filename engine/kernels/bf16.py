@@ -30,14 +30,18 @@ def native_bf16() -> bool:
 
 
 class UpcastLinear(nn.Linear):
+    def gemv_weight(self) -> native.Weight:
+        """The weight as the native matrix-vector kernel reads it (it declines other dtypes)."""
+        return native.Weight(native.BF16, self.weight, self.out_features, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
             if (y := scratch.linear(x, self.out_features, lambda w: w.copy_(self.weight), self.bias)) is not None:
                 return y  # inference: converted into reused buffers
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-        if x.numel() == x.shape[-1] and (y := native.gemv_bf16(x, self.weight)) is not None:
-            return y if self.bias is None else y + self.bias
+        if x.numel() == x.shape[-1] and (ys := native.gemv(x, [self.gemv_weight()])) is not None:
+            return ys[0] if self.bias is None else ys[0] + self.bias
         return super().forward(x)
 
 

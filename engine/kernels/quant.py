@@ -60,9 +60,15 @@ class QuantizedLinear(nn.Module):
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
+    def gemv_weight(self) -> native.Weight | None:
+        """The weight as the native matrix-vector kernel reads it; None where that kernel has no such format."""
+        return None
+
     def one_row(self, x: torch.Tensor) -> torch.Tensor | None:
         """x holding one row → the product, or None when no fast path applies."""
-        raise NotImplementedError
+        weight = self.gemv_weight()
+        ys = native.gemv(x, [weight]) if weight is not None else None
+        return ys[0] if ys is not None else None
 
     def many_rows(self, x: torch.Tensor) -> torch.Tensor | None:
         """x holding several rows → the product, or None to dequantize (the default: see the module's note)."""
@@ -99,8 +105,11 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("weight", weight)  # int8 [N, K]
         self.register_buffer("scale", scale)  # fp32 [N]
 
+    def gemv_weight(self):
+        return native.Weight(native.INT8, self.weight, self.out_features, self.in_features, self.scale)
+
     def one_row(self, x):
-        y = native.gemv_int8(x, self.weight, self.scale)
+        y = super().one_row(x)
         if y is None and x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu":
             y = torch._weight_int8pack_mm(x.reshape(1, -1), self.weight, self.scale.to(x.dtype))
             y = y.view(*x.shape[:-1], self.out_features)
@@ -128,8 +137,8 @@ class NF4Linear(QuantizedLinear):
         self.register_buffer("levels", state.code.float().contiguous())  # the 16 NF4 levels in [-1, 1]
         self.register_buffer("levels_int8", torch.round(self.levels * 127).to(torch.int8))
 
-    def one_row(self, x):
-        return native.gemv_nf4(x, self.packed, self.absmax, self.levels_int8, (self.out_features, self.in_features))
+    def gemv_weight(self):
+        return native.Weight(native.NF4, self.packed, self.out_features, self.in_features, self.absmax, self.levels_int8)
 
     def dequantize_into(self, out):
         if not native.dequantize_nf4(self.packed, self.absmax, self.levels, out):

@@ -151,9 +151,10 @@ class Attention(nn.Module):
         """x [B, T, C]; cos, sin [B, 1, T, D]; mask: (allowed, empty) from LlamaModel._mask, or None."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+        q, k, v = kernels.linears(x, self.q_proj, self.k_proj, self.v_proj)  # decoding: one native call
+        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
         q, k = kernels.rotary(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # [B, Hkv, S, D]
@@ -173,7 +174,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(I, C, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(kernels.swiglu(x, self.gate_proj, self.up_proj))  # SwiGLU: silu(gate(x)) · up(x)
 
 
 class DecoderLayer(nn.Module):

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <omp.h>
 
 /* ------------------------------------------------------------------ conversions */
 static inline float bf16_to_f32(uint16_t h) {
@@ -55,8 +56,56 @@ static inline void store(void *y, int is_bf16, int n, float v) {
     else ((float *)y)[n] = v;
 }
 
+static inline __m256 load8(const void *p, size_t i, int bf16) {
+    if (bf16) return bf16x8_to_f32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+static inline float load1(const void *p, size_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* Round eight floats to bf16 (nearest, ties to even), kept as floats; a NaN stays NaN, as in f32_to_bf16. */
+static inline __m256 round_bf16x8(__m256 v) {
+    __m256i u = _mm256_castps_si256(v), high = _mm256_set1_epi32((int)0xffff0000u);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), high);
+    __m256i quiet = _mm256_or_si256(_mm256_and_si256(u, high), _mm256_set1_epi32(0x00400000));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(quiet), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+/* Eight floats into y[n..n+8) of the dtype: rounded to bf16 as f32_to_bf16 does, or as they are. */
+static inline void store8(void *y, int bf16, size_t n, __m256 v) {
+    if (!bf16) { _mm256_storeu_ps((float *)y + n, v); return; }
+    __m256i r = _mm256_srli_epi32(_mm256_castps_si256(round_bf16x8(v)), 16);
+    _mm_storeu_si128((__m128i *)((uint16_t *)y + n), _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+
+/* v as the dtype holds it: rounded to bf16 and back, or unchanged (fp32). */
+static inline float round_to(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+/* e^x for x <= 0 (attention scores minus their max; -|g| in SiLU), eight at a time: 2^n · e^r with r = x - n·ln2 in [-ln2/2, ln2/2] and a
+ * degree-6 polynomial for e^r (relative error ~2e-7, against ~1e-7 for libm's expf). Below -87 the result is
+ * clamped to e^-87 ≈ 1.6e-38, nothing next to the max's weight of 1. */
+static inline __m256 exp8_nonpositive(__m256 x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x); /* in this order a NaN score stays NaN */
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.0f / 720);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f / 120));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f / 24));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f / 6));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 /* ------------------------------------------------------------------ bf16 weights */
-/* One row's dot product, for the N % 4 tail rows. */
+/* One row's dot product, for the tail rows of a range. */
 static float dot_bf16_row(const uint16_t *w, const float *x, int K) {
     __m256 a = _mm256_setzero_ps();
     int k = 0;
@@ -67,16 +116,12 @@ static float dot_bf16_row(const uint16_t *w, const float *x, int K) {
     return s;
 }
 
-/* y = W x for bf16 W [N, K]; K must be a multiple of 16 (checked by the caller). Returns 0, or -1 on OOM. */
-int dsvl_gemv_bf16(const uint16_t *W, const void *x, int x_bf16, void *y, int y_bf16, int N, int K, int threads) {
-    float *xf = aligned_alloc(64, ((size_t)K * sizeof(float) + 63) / 64 * 64);
-    if (!xf) return -1;
-    load_vector(x, x_bf16, xf, K);
-    int blocks = N / 4;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int b = 0; b < blocks; b++) {
+/* y[n] = W[n]·x for rows n in [lo, hi) of bf16 W [N, K]; x fp32, 32-byte aligned; K a multiple of 16. */
+static void rows_bf16(const uint16_t *W, const float *xf, int K, int lo, int hi, float *y) {
+    int n = lo;
+    for (; n + 4 <= hi; n += 4) {
         /* Four rows at a time share each load of x; two accumulators per row hide the FMA latency. */
-        const uint16_t *r0 = W + (size_t)b * 4 * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+        const uint16_t *r0 = W + (size_t)n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
         for (int k = 0; k < K; k += 16) {
             __m256 x0 = _mm256_load_ps(xf + k), x1 = _mm256_load_ps(xf + k + 8);
@@ -94,15 +139,12 @@ int dsvl_gemv_bf16(const uint16_t *W, const void *x, int x_bf16, void *y, int y_
             a3 = _mm256_fmadd_ps(bf16x8_to_f32(_mm256_castsi256_si128(w)), x0, a3);
             c3 = _mm256_fmadd_ps(bf16x8_to_f32(_mm256_extracti128_si256(w, 1)), x1, c3);
         }
-        int n = b * 4;
-        store(y, y_bf16, n, hsum(_mm256_add_ps(a0, c0)));
-        store(y, y_bf16, n + 1, hsum(_mm256_add_ps(a1, c1)));
-        store(y, y_bf16, n + 2, hsum(_mm256_add_ps(a2, c2)));
-        store(y, y_bf16, n + 3, hsum(_mm256_add_ps(a3, c3)));
+        y[n] = hsum(_mm256_add_ps(a0, c0));
+        y[n + 1] = hsum(_mm256_add_ps(a1, c1));
+        y[n + 2] = hsum(_mm256_add_ps(a2, c2));
+        y[n + 3] = hsum(_mm256_add_ps(a3, c3));
     }
-    for (int n = blocks * 4; n < N; n++) store(y, y_bf16, n, dot_bf16_row(W + (size_t)n * K, xf, K));
-    free(xf);
-    return 0;
+    for (; n < hi; n++) y[n] = dot_bf16_row(W + (size_t)n * K, xf, K);
 }
 
 /* ------------------------------------------------------------------ int8 weights, one scale per row */
@@ -141,19 +183,12 @@ static inline __m256 add_block_i8(const int8_t *w, const int8_t *xq, const float
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(xs + k / QBLOCK), acc);
 }
 
-/* y = (W * scale[:, None]) x for int8 W [N, K]; K must be a multiple of 32. Returns 0, or -1 on OOM. */
-int dsvl_gemv_int8(const int8_t *W, const float *scale, const void *x, int x_bf16, void *y, int y_bf16,
-                   int N, int K, int threads) {
-    float *xf = malloc((size_t)K * sizeof(float));
-    int8_t *xq = aligned_alloc(64, ((size_t)K + 63) / 64 * 64);
-    float *xs = malloc((size_t)(K / QBLOCK) * sizeof(float));
-    if (!xf || !xq || !xs) { free(xf); free(xq); free(xs); return -1; }
-    load_vector(x, x_bf16, xf, K);
-    quantize_blocks(xf, xq, xs, K, QBLOCK, 0);
+/* y[n] = scale[n] · W[n]·x for rows n in [lo, hi) of int8 W [N, K]; x quantized per block of 32 (xq aligned). */
+static void rows_int8(const int8_t *W, const float *scale, const int8_t *xq, const float *xs, int K, int lo, int hi,
+                      float *y) {
     /* One row at a time in two independent chains: one sequential stream per thread reads faster than four
      * interleaved rows (27.9 vs 23.6 GB/s over 48 distinct 5632 x 2048 matrices, 2 threads, this machine). */
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int n = 0; n < N; n++) {
+    for (int n = lo; n < hi; n++) {
         const int8_t *r = W + (size_t)n * K;
         __m256 a = _mm256_setzero_ps(), c = a;
         int k = 0;
@@ -162,44 +197,124 @@ int dsvl_gemv_int8(const int8_t *W, const float *scale, const void *x, int x_bf1
             c = add_block_i8(r, xq, xs, k + QBLOCK, c);
         }
         if (k < K) a = add_block_i8(r, xq, xs, k, a);
-        store(y, y_bf16, n, hsum(_mm256_add_ps(a, c)) * scale[n]);
+        y[n] = hsum(_mm256_add_ps(a, c)) * scale[n];
+    }
+}
+
+/* ------------------------------------------------------------------ NF4 weights (bitsandbytes' 4-bit format) */
+/* W is bitsandbytes' packed NF4: two 4-bit codes per byte, the first element in the high nibble, one absmax per
+ * block of 64 consecutive elements (taken here as fp32, already un-double-quantized). The 16 NF4 levels come as
+ * int8 (round(level * 127)): a code becomes an int8 weight with one byte shuffle, then the dot products run on
+ * integer instructions as for int8 weights (llama.cpp's IQ4_NL does the same). The activation is quantized per
+ * block of 64, its even and odd elements stored apart so that they line up with the high and low nibbles. */
+#define NF4BLOCK 64
+
+/* Eight int32 partial sums of one row's 64-element block against the split activation block. */
+static inline __m256i dot64_nf4(const uint8_t *packed, const int8_t *xq, __m256i lut) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)packed), low4 = _mm256_set1_epi8(0x0f);
+    __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+    __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low4));
+    return _mm256_add_epi32(dot32_i8(hi, _mm256_loadu_si256((const __m256i *)xq)),
+                            dot32_i8(lo, _mm256_loadu_si256((const __m256i *)(xq + NF4BLOCK / 2))));
+}
+
+/* y[n] = dequant(W[n])·x for rows n in [lo, hi); W packed [N * K / 2] bytes, absmax [N * K / 64], levels int8
+ * [16]; x quantized per split block of 64 with scales already divided by 127 (the levels' scale). */
+static void rows_nf4(const uint8_t *W, const float *absmax, const int8_t *levels, const int8_t *xq, const float *xs,
+                     int K, int lo, int hi, float *y) {
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)levels));
+    const int nb = K / NF4BLOCK;
+    for (int n = lo; n < hi; n++) {
+        const uint8_t *row = W + (size_t)n * K / 2;
+        const float *am = absmax + (size_t)n * nb;
+        __m256 a = _mm256_setzero_ps(), c = a;
+        int b = 0;
+        for (; b + 2 <= nb; b += 2) { /* two blocks per pass: two independent chains */
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64_nf4(row + b * 32, xq + b * NF4BLOCK, lut)),
+                                _mm256_set1_ps(am[b] * xs[b]), a);
+            c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64_nf4(row + (b + 1) * 32, xq + (b + 1) * NF4BLOCK, lut)),
+                                _mm256_set1_ps(am[b + 1] * xs[b + 1]), c);
+        }
+        if (b < nb)
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64_nf4(row + b * 32, xq + b * NF4BLOCK, lut)),
+                                _mm256_set1_ps(am[b] * xs[b]), a);
+        y[n] = hsum(_mm256_add_ps(a, c));
+    }
+}
+
+/* ------------------------------------------------------------------ several products of one activation */
+/* A decoder layer multiplies one vector by q, k and v, and another by gate and up: one call does each group,
+ * preparing (converting, quantizing) the vector once and waking the threads once. With `swiglu` the two
+ * products g = gate·x and u = up·x leave as silu(g)·u, rounded where PyTorch rounds (g, u, silu(g) and the
+ * product each to the output dtype). */
+enum { KIND_BF16 = 0, KIND_INT8 = 1, KIND_NF4 = 2 };
+
+/* Thread t's share of n rows: contiguous, starting on a multiple of 8 (the silu below runs 8 at a time). The
+ * same n gives the same share, so a thread reads back exactly the gate rows it wrote. */
+static inline int share(int n, int t, int threads) { return t >= threads ? n : (int)((long)n * t / threads) & ~7; }
+
+/* out[n] = silu(g[n]) · u[n] for n in [lo, hi). silu(g) = g·σ(g), with σ from e = exp(-|g|) (never overflows). */
+static void swiglu_rows(const float *g, const float *u, void *out, int bf16, int lo, int hi) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    int n = lo;
+    for (; n + 8 <= hi; n += 8) {
+        __m256 gv = _mm256_loadu_ps(g + n), uv = _mm256_loadu_ps(u + n);
+        if (bf16) gv = round_bf16x8(gv), uv = round_bf16x8(uv);
+        __m256 m = _mm256_or_ps(gv, sign); /* -|g| */
+        __m256 e = _mm256_and_ps(exp8_nonpositive(m), _mm256_cmp_ps(m, _mm256_set1_ps(-87.0f), _CMP_GE_OQ)); /* 0 below */
+        __m256 num = _mm256_blendv_ps(one, e, gv);           /* σ(g) = 1/(1+e) for g ≥ 0, e/(1+e) below */
+        __m256 s = _mm256_div_ps(_mm256_mul_ps(gv, num), _mm256_add_ps(one, e)); /* g/(1+e) as PyTorch, g ≥ 0 */
+        if (bf16) s = round_bf16x8(s);
+        store8(out, bf16, n, _mm256_mul_ps(s, uv));
+    }
+    for (; n < hi; n++) {
+        float gv = round_to(g[n], bf16), uv = round_to(u[n], bf16), e = expf(-fabsf(gv));
+        float s = round_to(gv * (gv >= 0.0f ? 1.0f : e) / (1.0f + e), bf16);
+        store(out, bf16, n, s * uv);
+    }
+}
+
+/* y[m] = W[m]·x for m < count, every W[m] [N[m], K] of one kind: bf16 (scale, levels unused), int8 (scale
+ * [N] per row) or NF4 (scale: absmax per 64; levels int8 [16]). K a multiple of 16 (bf16), 32 (int8), 64 (NF4).
+ * With swiglu (count 2, N[0] = N[1]): y[0] = silu(W[0]·x)·(W[1]·x), y[1] unused. x and y bf16 or fp32.
+ * Returns 0, or -1 on OOM. */
+int dsvl_gemv(int kind, int count, const void *const *W, const float *const *scale, const int8_t *const *levels,
+              const int *N, const void *x, int x_bf16, void *const *y, int y_bf16, int K, int swiglu, int threads) {
+    long total = 0;
+    for (int m = 0; m < count; m++) total += N[m];
+    float *xf = aligned_alloc(64, ((size_t)K * sizeof(float) + 63) / 64 * 64);
+    int8_t *xq = aligned_alloc(64, ((size_t)K + 63) / 64 * 64);
+    float *xs = malloc((size_t)(K / QBLOCK + 1) * sizeof(float));
+    float *f = malloc((size_t)(total + 1) * sizeof(float)); /* every product in fp32, one after another */
+    if (!xf || !xq || !xs || !f) { free(xf); free(xq); free(xs); free(f); return -1; }
+    load_vector(x, x_bf16, xf, K);
+    if (kind == KIND_INT8) quantize_blocks(xf, xq, xs, K, QBLOCK, 0);
+    if (kind == KIND_NF4) {
+        quantize_blocks(xf, xq, xs, K, NF4BLOCK, 1);
+        for (int b = 0; b < K / NF4BLOCK; b++) xs[b] /= 127.0f; /* times the levels' 1/127 */
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        float *fm = f;
+        for (int m = 0; m < count; fm += N[m], m++) {
+            int lo = share(N[m], t, nt), hi = share(N[m], t + 1, nt);
+            if (kind == KIND_BF16) rows_bf16((const uint16_t *)W[m], xf, K, lo, hi, fm);
+            else if (kind == KIND_INT8) rows_int8((const int8_t *)W[m], scale[m], xq, xs, K, lo, hi, fm);
+            else rows_nf4((const uint8_t *)W[m], scale[m], levels[m], xq, xs, K, lo, hi, fm);
+            if (!swiglu)
+                for (int n = lo; n < hi; n++) store(y[m], y_bf16, n, fm[n]);
+        }
+        if (swiglu) swiglu_rows(f, f + N[0], y[0], y_bf16, share(N[0], t, nt), share(N[0], t + 1, nt));
     }
     free(xf);
     free(xq);
     free(xs);
+    free(f);
     return 0;
 }
 
 /* ------------------------------------------------------------------ one-token attention over the KV cache */
-static inline __m256 load8(const void *p, size_t i, int bf16) {
-    if (bf16) return bf16x8_to_f32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
-    return _mm256_loadu_ps((const float *)p + i);
-}
-
-static inline float load1(const void *p, size_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-/* e^x for x <= 0 (scores minus their max), eight at a time: 2^n · e^r with r = x - n·ln2 in [-ln2/2, ln2/2] and a
- * degree-6 polynomial for e^r (relative error ~2e-7, against ~1e-7 for libm's expf). Below -87 the result is
- * clamped to e^-87 ≈ 1.6e-38, nothing next to the max's weight of 1. */
-static inline __m256 exp8_nonpositive(__m256 x) {
-    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x); /* in this order a NaN score stays NaN */
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.0f / 720);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f / 120));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f / 24));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f / 6));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
 /* softmax(q·Kᵀ·scale)·V for every query head, in fp32, for a single new token (batch 1, no mask).
  * q [H, D]; keys: element (kv, s, d) at k + kv*k_head + s*k_pos + d; values stored transposed: element
  * (kv, s, d) at vt + kv*v_head + d*v_dim + s; out [H, D]. Query head h reads kv head h / (H / Hkv).
@@ -304,86 +419,57 @@ int dsvl_attend_decode(const void *q, const void *k, long k_head, long k_pos, co
 /* In a decode step these run on one 2048-vector each, where PyTorch spends more time dispatching its five to
  * seven small ops than computing. Both round where transformers' Llama rounds (every op PyTorch rounds to the
  * model dtype is rounded here too); only fp32 summation order differs. */
-static inline float round_to(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
 /* out = w * (x / sqrt(mean(x²) + eps)), statistics in fp32; x, w, out [K] of one dtype. */
 void dsvl_rmsnorm(const void *x, const void *w, void *out, int K, float eps, int bf16) {
-    float sum = 0.0f;
-    for (int k = 0; k < K; k++) {
-        float v = load1(x, k, bf16);
-        sum += v * v;
+    __m256 squares = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 v = load8(x, k, bf16);
+        squares = _mm256_fmadd_ps(v, v, squares);
     }
+    float sum = hsum(squares);
+    for (int t = k; t < K; t++) sum += load1(x, t, bf16) * load1(x, t, bf16);
     float r = 1.0f / sqrtf(sum / K + eps);
-    for (int k = 0; k < K; k++) store(out, bf16, k, load1(w, k, bf16) * round_to(load1(x, k, bf16) * r, bf16));
+    for (k = 0; k + 8 <= K; k += 8) {
+        __m256 h = _mm256_mul_ps(load8(x, k, bf16), _mm256_set1_ps(r));
+        store8(out, bf16, k, _mm256_mul_ps(load8(w, k, bf16), bf16 ? round_bf16x8(h) : h));
+    }
+    for (; k < K; k++) store(out, bf16, k, load1(w, k, bf16) * round_to(load1(x, k, bf16) * r, bf16));
 }
 
-/* x <- x * cos + rotate_half(x) * sin in place, for `heads` rows of D; cos, sin [D]. */
-void dsvl_rotary(void *x, const void *cos, const void *sin, int heads, int D, int bf16) {
-    int half = D / 2;
-    float row[1024];
+/* x <- x * cos + rotate_half(x) * sin in place, for `heads` rows of D; cos, sin [D]. Each row's halves (x1, x2)
+ * become (x1·cos - x2·sin, x2·cos + x1·sin), each product rounded, then the sum. */
+static void rotate_rows(void *x, const void *cos, const void *sin, int heads, int D, int bf16) {
+    const int half = D / 2;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int h = 0; h < heads; h++) {
-        size_t base = (size_t)h * D;
-        for (int d = 0; d < D; d++) row[d] = load1(x, base + d, bf16);
-        for (int d = 0; d < D; d++) {
-            float rotated = d < half ? -row[d + half] : row[d - half];
-            float a = round_to(row[d] * load1(cos, d, bf16), bf16), b = round_to(rotated * load1(sin, d, bf16), bf16);
-            store(x, bf16, base + d, a + b);
+        const size_t base = (size_t)h * D;
+        int d = 0;
+        for (; d + 8 <= half; d += 8) {
+            __m256 x1 = load8(x, base + d, bf16), x2 = load8(x, base + half + d, bf16);
+            __m256 a1 = _mm256_mul_ps(x1, load8(cos, d, bf16)), b1 = _mm256_mul_ps(_mm256_xor_ps(x2, sign), load8(sin, d, bf16));
+            __m256 a2 = _mm256_mul_ps(x2, load8(cos, half + d, bf16)), b2 = _mm256_mul_ps(x1, load8(sin, half + d, bf16));
+            if (bf16) a1 = round_bf16x8(a1), b1 = round_bf16x8(b1), a2 = round_bf16x8(a2), b2 = round_bf16x8(b2);
+            store8(x, bf16, base + d, _mm256_add_ps(a1, b1));
+            store8(x, bf16, base + half + d, _mm256_add_ps(a2, b2));
+        }
+        for (; d < half; d++) {
+            float x1 = load1(x, base + d, bf16), x2 = load1(x, base + half + d, bf16);
+            store(x, bf16, base + d, round_to(x1 * load1(cos, d, bf16), bf16) + round_to(-x2 * load1(sin, d, bf16), bf16));
+            store(x, bf16, base + half + d,
+                  round_to(x2 * load1(cos, half + d, bf16), bf16) + round_to(x1 * load1(sin, half + d, bf16), bf16));
         }
     }
 }
 
-/* ------------------------------------------------------------------ NF4 weights (bitsandbytes' 4-bit format) */
-/* W is bitsandbytes' packed NF4: two 4-bit codes per byte, the first element in the high nibble, one absmax per
- * block of 64 consecutive elements (taken here as fp32, already un-double-quantized). The 16 NF4 levels come as
- * int8 (round(level * 127)): a code becomes an int8 weight with one byte shuffle, then the dot products run on
- * integer instructions as in dsvl_gemv_int8 (llama.cpp's IQ4_NL does the same). The activation is quantized per
- * block of 64, its even and odd elements stored apart so that they line up with the high and low nibbles. */
-#define NF4BLOCK 64
-
-/* Eight int32 partial sums of one row's 64-element block against the split activation block. */
-static inline __m256i dot64_nf4(const uint8_t *packed, const int8_t *xq, __m256i lut) {
-    __m256i v = _mm256_loadu_si256((const __m256i *)packed), low4 = _mm256_set1_epi8(0x0f);
-    __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
-    __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low4));
-    return _mm256_add_epi32(dot32_i8(hi, _mm256_loadu_si256((const __m256i *)xq)),
-                            dot32_i8(lo, _mm256_loadu_si256((const __m256i *)(xq + NF4BLOCK / 2))));
+/* RoPE of one token's queries q [q_heads, D] and keys k [k_heads, D], in place. */
+void dsvl_rotary(void *q, int q_heads, void *k, int k_heads, const void *cos, const void *sin, int D, int bf16) {
+    rotate_rows(q, cos, sin, q_heads, D, bf16);
+    rotate_rows(k, cos, sin, k_heads, D, bf16);
 }
 
-/* y = dequant(W) x; W packed [N * K / 2] bytes, absmax [N * K / 64], levels int8 [16]; K a multiple of 64. */
-int dsvl_gemv_nf4(const uint8_t *W, const float *absmax, const int8_t *levels, const void *x, int x_bf16,
-                  void *y, int y_bf16, int N, int K, int threads) {
-    float *xf = malloc((size_t)K * sizeof(float));
-    int8_t *xq = malloc((size_t)K);
-    float *xs = malloc((size_t)(K / NF4BLOCK) * sizeof(float));
-    if (!xf || !xq || !xs) { free(xf); free(xq); free(xs); return -1; }
-    load_vector(x, x_bf16, xf, K);
-    quantize_blocks(xf, xq, xs, K, NF4BLOCK, 1);
-    for (int b = 0; b < K / NF4BLOCK; b++) xs[b] /= 127.0f; /* times the levels' 1/127 */
-    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)levels));
-    const int nb = K / NF4BLOCK;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int n = 0; n < N; n++) {
-        const uint8_t *row = W + (size_t)n * K / 2;
-        const float *am = absmax + (size_t)n * nb;
-        __m256 a = _mm256_setzero_ps(), c = a;
-        int b = 0;
-        for (; b + 2 <= nb; b += 2) { /* two blocks per pass: two independent chains */
-            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64_nf4(row + b * 32, xq + b * NF4BLOCK, lut)),
-                                _mm256_set1_ps(am[b] * xs[b]), a);
-            c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64_nf4(row + (b + 1) * 32, xq + (b + 1) * NF4BLOCK, lut)),
-                                _mm256_set1_ps(am[b + 1] * xs[b + 1]), c);
-        }
-        if (b < nb)
-            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64_nf4(row + b * 32, xq + b * NF4BLOCK, lut)),
-                                _mm256_set1_ps(am[b] * xs[b]), a);
-        store(y, y_bf16, n, hsum(_mm256_add_ps(a, c)));
-    }
-    free(xf);
-    free(xq);
-    free(xs);
-    return 0;
-}
-
+/* ------------------------------------------------------------------ NF4 dequantization */
 /* out [N*K] fp32 = level[code] * absmax of its block, for the compute-bound (many-row) products. */
 void dsvl_dequantize_nf4(const uint8_t *W, const float *absmax, const float *levels, float *out, long numel,
                          int threads) {
