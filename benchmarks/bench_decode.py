@@ -116,7 +116,7 @@ class Decoder:
     @torch.inference_mode()
     def __call__(self):
         with self.kernels():
-            self.logits = step(self.model, self.cache, int(self.logits.argmax()))
+            self.logits = step(self.model, self.cache, int(self.logits.float().argmax()))  # as the greedy Sampler
 
 
 def decode_modules(model) -> list[torch.nn.Module]:

@@ -17,12 +17,13 @@ SUPPORTED = native._cpu_supported() is None
 needs_kernels = pytest.mark.skipif(not SUPPORTED, reason=f"CPU cannot run the kernels: {native._cpu_supported()}")
 
 
-def _quantize_blocks_of(x: torch.Tensor, size: int):
-    """The kernels' activation quantization, in PyTorch: symmetric int8 per block, half to even."""
+def _quantize_blocks_of(x: torch.Tensor, size: int, qmax: int = 127):
+    """The kernels' activation quantization, in PyTorch: symmetric to [-qmax, qmax] per block, half to even."""
     blocks = x.float().reshape(-1, size)
     amax = blocks.abs().amax(1, keepdim=True)
-    q = torch.where(amax > 0, torch.round(blocks * (127.0 / amax)), torch.zeros_like(blocks))
-    return q, amax / 127.0  # [K/32, 32], [K/32, 1]
+    inverse = torch.full_like(amax, qmax) / amax  # as C divides (`qmax / amax` would be amax.reciprocal() * qmax)
+    q = torch.where(amax > 0, torch.round(blocks * inverse), torch.zeros_like(blocks))
+    return q, amax / qmax  # [K/size, size], [K/size, 1]
 
 
 @needs_kernels
@@ -362,15 +363,34 @@ def test_gemv_nf4_is_exact_integer_arithmetic(N, K, dtype):
     y = q(x)
     assert y.shape == (N,) and y.dtype == dtype
     assert q.one_row(x) is not None  # the native kernel, not a fallback
-    # Reference: int8 levels × activation quantized per 64 (even/odd split does not change the sum), exactly.
+    # Reference: int8 levels × activation quantized to ±63 per 64 (even/odd split does not change the sum), exactly.
     codes = torch.stack((q.packed >> 4, q.packed & 15), 1).flatten().long().view(N, K // 64, 64)
     w_int = q.levels_int8[codes].double()  # [N, K/64, 64]
-    xq, xs = _quantize_blocks_of(x, 64)  # [K/64, 64], [K/64, 1]
+    xq, xs = _quantize_blocks_of(x, 64, qmax=63)  # [K/64, 64], [K/64, 1]
     per_block = torch.einsum("nbk,bk->nb", w_int, xq.double())
     terms = per_block * (xs.double().T / 127) * q.absmax.double().view(N, K // 64)
     reference = terms.sum(1)
     tolerance = (2**-8 if dtype == torch.bfloat16 else 0) * reference.abs() + 1e-6 * terms.abs().sum(1)
     assert ((y.double() - reference).abs() <= tolerance).all()
+
+
+@needs_kernels
+def test_gemv_nf4_does_not_overflow_on_extreme_blocks():
+    # Level +1 is stored as 254 and x reaches ±63: a pair of products is 2·254·63 = 32004, just inside maddubs'
+    # 16 bits. Rows of extreme levels against extreme activations must give exactly what the levels say.
+    from engine.kernels.quant import NF4Linear
+
+    K = 128
+    signs = torch.tensor([1.0, -1.0]).repeat(K // 2)
+    linear = nn.Linear(K, 4, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.stack([torch.ones(K), -torch.ones(K), signs, -signs]))
+    q = NF4Linear(linear)
+    for x in (torch.ones(1, K), signs[None], -signs[None]):
+        with torch.no_grad():
+            y = q(x)
+        assert q.one_row(x) is not None
+        assert torch.allclose(y, x @ linear.weight.detach().T, rtol=1e-5, atol=1e-4), (x[0, :4], y)
 
 
 # NF4's own error on Gaussian weights is ~9%; int4's measured ~8.5% (16 levels over each group's range).
