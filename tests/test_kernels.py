@@ -204,6 +204,90 @@ def test_linears_and_swiglu_call_the_modules_where_no_native_call_applies():
         assert torch.equal(kernels.swiglu(x, biased, biased), F.silu(biased(x)) * biased(x))
 
 
+# ------------------------------------------------------------------ a whole decoder layer in one call
+def _small_lm(kind: str):
+    """A random 3-layer LLaMA (GQA, head dim 64) as the runtime sets it up on a CPU for `kind`: bf16 weights with
+    the upcasting linears, or int8 / NF4 decoder linears."""
+    from transformers import LlamaConfig
+
+    from engine.kernels.bf16 import upcast_matmuls
+    from engine.kernels.quant import NF4Linear
+    from engine.model.llama import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=704, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6))
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            p.copy_(torch.rand_like(p) + 0.5 if name.endswith("norm.weight") else torch.randn_like(p) * 0.05)
+    lm = lm.to(torch.bfloat16).eval()
+    for layer in lm.model.layers if kind != "bf16" else ():
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                setattr(parent, name, {"int8": Int8Linear, "nf4": NF4Linear}[kind](child))
+    upcast_matmuls(lm)
+    return lm
+
+
+def _decode(lm, tokens=(5, 6, 7, 8, 9)):
+    """A 3-token prompt then `tokens` one at a time from a cache of capacity 4 (so it grows while decoding)."""
+    cache = lm.new_cache(capacity=4)
+    with torch.no_grad():
+        lm(input_ids=torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True)
+        logits = [lm(input_ids=torch.tensor([[t]]), cache=cache, use_cache=True).logits for t in tokens]
+    return torch.cat(logits, 1) if logits else None, cache
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["bf16", "int8", "nf4"])
+def test_decoder_layer_in_one_call_equals_the_layer_op_by_op(kind, monkeypatch):
+    from engine import kernels
+
+    lm = _small_lm(kind)
+    native_layers = []
+    one_call = kernels.decoder_layer
+    monkeypatch.setattr(kernels, "decoder_layer", lambda *a: native_layers.append(y := one_call(*a)) or y)
+    fused, fused_cache = _decode(lm)
+    prompt, steps = native_layers[:3], native_layers[3:]
+    assert all(y is None for y in prompt) and len(steps) == 5 * 3 and all(y is not None for y in steps)
+    monkeypatch.setattr(kernels, "decoder_layer", lambda *a: None)
+    op_by_op, cache = _decode(lm)
+    assert torch.equal(fused, op_by_op)  # the same kernels in the same order: bitwise
+    for i in range(3):
+        n = cache.get_seq_length(i)
+        assert fused_cache.get_seq_length(i) == n == 8
+        assert torch.equal(fused_cache.keys[i][:, :, :n], cache.keys[i][:, :, :n])
+        assert torch.equal(fused_cache.values[i][..., :n], cache.values[i][..., :n])
+
+
+@needs_kernels
+def test_decoder_layer_declines_what_it_cannot_do():
+    from engine import kernels
+    from engine.model.llama import KVCache
+
+    lm = _small_lm("nf4")
+    layer, x = lm.model.layers[0], torch.randn(1, 1, 256).to(torch.bfloat16)
+    cos, sin = lm.model.rotary(torch.tensor([[3]]), torch.bfloat16)
+    cos, sin = cos[:, None], sin[:, None]
+    empty = KVCache()
+    with torch.no_grad():
+        assert kernels.decoder_layer(layer, x, cos, sin, None, empty) is None  # no buffers for the layer yet
+        assert empty.get_seq_length() == 0
+        _, cache = _decode(lm, tokens=())
+        mask = (torch.ones(1, 1, 1, 4, dtype=torch.bool), None)
+        assert kernels.decoder_layer(layer, x, cos, sin, mask, cache) is None  # a mask: op by op
+        assert kernels.decoder_layer(layer, torch.randn(1, 2, 256).to(torch.bfloat16), cos, sin, None, cache) is None
+        original = layer.mlp.up_proj
+        layer.mlp.up_proj = nn.Linear(256, 704).to(torch.bfloat16)  # a module the native kernel cannot read
+        assert kernels.decoder_layer(layer, x, cos, sin, None, cache) is None
+        layer.mlp.up_proj = original
+        assert cache.get_seq_length(0) == 3  # nothing appended by the declined calls
+        assert kernels.decoder_layer(layer, x, cos, sin, None, cache) is not None
+        assert cache.get_seq_length(0) == 4
+    with native.disabled():
+        assert kernels.decoder_layer(layer, x, cos, sin, None, cache) is None
+
+
 # ------------------------------------------------------------------ Int8Linear
 def test_quantize_rows_bounds_the_error_per_row():
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 10, 16)[:, None]

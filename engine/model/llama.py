@@ -74,6 +74,20 @@ class KVCache:
         self.lengths[layer_idx] = end
         return keys[:, :, :end], values[:, :, :, :end].transpose(-2, -1)
 
+    def slot(self, layer_idx: int):
+        """(keys, values, position) where one more token of the layer goes, the buffers grown if full, for a
+        writer that fills them itself (the native decoder layer) and then calls `advance`; None while the layer
+        has no buffers yet."""
+        if layer_idx >= len(self.keys) or not self.keys[layer_idx].numel():
+            return None
+        pos = self.lengths[layer_idx]
+        if pos >= self.keys[layer_idx].shape[2]:
+            self._grow(layer_idx, self.keys[layer_idx], pos + 1)
+        return self.keys[layer_idx], self.values[layer_idx], pos
+
+    def advance(self, layer_idx: int):
+        self.lengths[layer_idx] += 1
+
     def _grow(self, layer_idx: int, k: torch.Tensor, needed: int):
         # Doubling keeps the copying amortised O(1) per token.
         old_k, old_v, n = self.keys[layer_idx], self.values[layer_idx], self.lengths[layer_idx]
@@ -186,6 +200,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache):
+        if (y := kernels.decoder_layer(self, x, cos, sin, mask, cache)) is not None:
+            return y  # one decoded token: the same steps as below, in one native call
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -90,6 +90,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsvl_rmsnorm.restype = None
     lib.dsvl_rotary.argtypes = [p, i, p, i, p, p, i, i]
     lib.dsvl_rotary.restype = None
+    lib.dsvl_decode_layer.argtypes = [p, p, p, ctypes.c_float, i, p, p, p, p, p, p, p, i, i, i, i, i, i, i,
+                                      ctypes.c_float, i, i]
+    lib.dsvl_decode_layer.restype = i
     return lib
 
 
@@ -185,6 +188,14 @@ def _readable(w: Weight) -> bool:
     return ok
 
 
+def _pointers(weights: Sequence[Weight]) -> tuple:
+    """The weights' data, scale and levels addresses as three C arrays (NULL where a format has none)."""
+    P = ctypes.c_void_p * len(weights)
+    return (P(*(w.data.data_ptr() for w in weights)),
+            P(*(w.scale.data_ptr() if w.scale is not None else None for w in weights)),
+            P(*(w.levels.data_ptr() if w.levels is not None else None for w in weights)))
+
+
 def gemv(x: torch.Tensor, weights: Sequence[Weight], swiglu: bool = False) -> list[torch.Tensor] | torch.Tensor | None:
     """x [..., K] holding one row times each weight [N_i, K] (all of one kind) → [x @ W_iᵀ [..., N_i]], in x's
     dtype, from one native call that prepares x once. With swiglu (two weights, gate and up, of one shape):
@@ -196,13 +207,11 @@ def gemv(x: torch.Tensor, weights: Sequence[Weight], swiglu: bool = False) -> li
     if not _one_row(x, K) or not all(w.kind == kind and w.cols == K and _readable(w) for w in weights):
         return None
     ys = [x.new_empty(*x.shape[:-1], w.rows) for w in (weights[:1] if swiglu else weights)]
-    n, P = len(weights), ctypes.c_void_p * len(weights)
+    n = len(weights)
     bf16 = int(x.dtype == torch.bfloat16)
-    if lib.dsvl_gemv(kind, n, P(*(w.data.data_ptr() for w in weights)),
-                     P(*(w.scale.data_ptr() if w.scale is not None else None for w in weights)),
-                     P(*(w.levels.data_ptr() if w.levels is not None else None for w in weights)),
-                     (ctypes.c_int * n)(*(w.rows for w in weights)), x.data_ptr(), bf16,
-                     P(*(y.data_ptr() for y in ys)), bf16, K, int(swiglu), torch.get_num_threads()):
+    if lib.dsvl_gemv(kind, n, *_pointers(weights), (ctypes.c_int * n)(*(w.rows for w in weights)), x.data_ptr(),
+                     bf16, (ctypes.c_void_p * len(ys))(*(y.data_ptr() for y in ys)), bf16, K, int(swiglu),
+                     torch.get_num_threads()):
         raise MemoryError("gemv: out of memory")
     return ys[0] if swiglu else ys
 
@@ -275,3 +284,30 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
                     int(q.dtype == torch.bfloat16))
     return True
 
+
+
+def decode_layer(x: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float, weights: Sequence[Weight],
+                 cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int,
+                 heads: int, scale: float) -> torch.Tensor | None:
+    """One token through a LLaMA decoder layer: x [1, 1, C] → the layer's output (a new tensor), with the token's
+    keys and values written into the layer's KV cache buffers at pos (keys [1, Hkv, cap, D], values transposed
+    [1, Hkv, D, cap]). norms: the two RMSNorm weights [C]; weights: q, k, v, o, gate, up, down, of one kind;
+    cos, sin [D] at the token's position. None, changing nothing, if not applicable."""
+    lib = kernels()
+    if lib is None or len(weights) != 7:
+        return None
+    _, kv_heads, cap, D = keys.shape
+    C, I, kind = x.shape[-1], weights[4].rows, weights[0].kind
+    rows, cols = (heads * D, kv_heads * D, kv_heads * D, C, I, I, C), (C, C, C, heads * D, C, C, I)
+    if (D % 8 or heads % kv_heads or not 0 <= pos < cap or values.shape != (1, kv_heads, D, cap)
+            or cos.numel() != D or sin.numel() != D or not _one_row(x, C)
+            or not _same_cpu_dtype(x, *norms, cos, sin, keys, values)
+            or any(w.kind != kind or (w.rows, w.cols) != shape or not _readable(w)
+                   for w, shape in zip(weights, zip(rows, cols)))):
+        return None
+    y = x.clone()
+    if lib.dsvl_decode_layer(y.data_ptr(), norms[0].data_ptr(), norms[1].data_ptr(), eps, kind, *_pointers(weights),
+                             cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), cap, pos, heads,
+                             kv_heads, D, C, I, scale, int(x.dtype == torch.bfloat16), torch.get_num_threads()):
+        raise MemoryError("decode_layer: out of memory")
+    return y
