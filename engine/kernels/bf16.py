@@ -32,7 +32,7 @@ def native_bf16() -> bool:
 class UpcastLinear(nn.Linear):
     def gemv_weight(self) -> native.Weight:
         """The weight as the native matrix-vector kernel reads it (it declines other dtypes)."""
-        return native.Weight(native.BF16, self.weight, self.out_features, self.in_features)
+        return native.Weight(native.BF16, self._parameters["weight"], self.out_features, self.in_features)  # (fast lookup)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
