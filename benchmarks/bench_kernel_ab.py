@@ -1,12 +1,13 @@
-"""The decode step of the working tree's engine against another commit's, in one process, on the 1.3B.
+"""The decode step (or prefill) of the working tree's engine against another commit's, in one process, on the 1.3B.
 
 Extracts `engine/` as it is at REV (default HEAD) into a temporary folder and imports it under another name beside
 the working tree's (the package's own imports are relative, and its native kernels compile from its own C
 source), so both the C kernels and the Python around them are compared. Each engine builds bf16, 8-bit and 4-bit
 models over the same random weights (bench_decode's, context 600), and the six decoders run round robin, one step
-each in turn. One run, one machine: the only difference between the two rows of a precision is the code.
+each in turn; with --prefill, the six models each run the chat's prefill of a --context-token prompt in turn
+instead. One run, one machine: the only difference between the two rows of a precision is the code.
 
-    .venv/bin/python benchmarks/bench_kernel_ab.py [--against HEAD] [--steps 30] [--warmup 3]
+    .venv/bin/python benchmarks/bench_kernel_ab.py [--against HEAD] [--steps 30] [--warmup 3] [--prefill]
 
 Not part of the test suite. Results go in benchmarks/RESULTS.md by hand.
 """
@@ -74,6 +75,7 @@ def main():
     ap.add_argument("--context", type=int, default=600)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--prefill", action="store_true", help="time prefills of --context tokens instead of decode steps")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,17 +90,22 @@ def main():
         k = [torch.randn(*shape, generator=g).to(torch.bfloat16) for _ in range(cfg.num_hidden_layers)]
         v = [torch.randn(*shape, generator=g).to(torch.bfloat16) for _ in range(cfg.num_hidden_layers)]
         engines = {args.against: models(theirs, weights), "working tree": models(engine, weights)}
-        runs = {f"{precision}, {label}": bd.Decoder(model, filled(model, k, v))
+        ids = torch.randint(3, 1000, (1, args.context), generator=g)
+        runs = {f"{precision}, {label}": (lambda m=model: bd.prefill(m, ids)) if args.prefill
+                else bd.Decoder(model, filled(model, k, v))
                 for precision in ("bf16", "--load-8bit", "--load-4bit") for label, built in engines.items()
                 for model in (built[precision],)}
         results = bd.round_robin(runs, args.warmup, args.steps)
     print(f"CPU: {bd.cpu_name()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"1-min load average before {load_before:.2f}, after {os.getloadavg()[0]:.2f}; 1.3B LM, context "
-          f"{args.context}, {args.steps} timed steps each after {args.warmup} warm-up, round robin\n")
-    print("| engine | s/token (median) | tokens/s | min s/token |\n|---|---|---|---|")
+          f"{args.context}, {args.steps} timed {'prefills' if args.prefill else 'steps'} each after {args.warmup} "
+          "warm-up, round robin\n")
+    unit = "prefill" if args.prefill else "token"
+    tokens = args.context if args.prefill else 1
+    print(f"| engine | s/{unit} (median) | tokens/s | min s/{unit} |\n|---|---|---|---|")
     for name, times in results.items():
         med = statistics.median(times)
-        print(f"| {name} | {med:.4f} | {1 / med:.2f} | {min(times):.4f} |")
+        print(f"| {name} | {med:.4f} | {tokens / med:.2f} | {min(times):.4f} |")
 
 
 if __name__ == "__main__":

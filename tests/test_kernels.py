@@ -562,12 +562,17 @@ def native_off(monkeypatch):
 @needs_kernels
 def test_backends_name_the_native_kernels_where_they_run():
     from engine import kernels
-    from engine.kernels.bf16 import native_bf16
+    from engine.kernels.bf16 import mkl_bf16, native_bf16
 
     rows = kernels.backends("cpu", torch.bfloat16)
     assert rows["bf16 matmul (decode)"] == "native AVX2 bf16"
+    assert rows["decoder layer (decode)"] == "native AVX2, one call per layer"
+    assert kernels.backends("cpu", torch.bfloat16, "4bit", "int4")["decoder layer (decode)"] == "op by op (int4 weights)"
+    assert kernels.backends("cpu", torch.float32)["decoder layer (decode)"] == "op by op (fp32 weights)"
+    assert kernels.backends("cpu", torch.float32, "8bit", "int8")["decoder layer (decode)"] == rows["decoder layer (decode)"]
     assert rows["bf16 matmul (prefill)"] == ("PyTorch bf16 (the CPU has bf16 instructions)" if native_bf16()
-                                             else "fp32 upcast (the CPU has no bf16 instructions)")
+                                             else "MKL bf16 GEMM, fp32 math (the CPU has no bf16 instructions)"
+                                             if mkl_bf16() else "fp32 upcast (the CPU has no bf16 instructions)")
     assert rows["attention (decode)"] == rows["rmsnorm (decode)"] == rows["rotary (decode)"] == "native AVX2"
     assert kernels.backends("cpu", torch.bfloat16, "8bit", "int8")["int8 matmul (decode)"] == "native AVX2 int8"
     assert kernels.summary("cpu", torch.bfloat16, "4bit", "nf4") == "native AVX2 NF4"
@@ -587,6 +592,7 @@ def test_backends_without_native_kernels_say_why(native_off):
     assert rows["bf16 matmul (decode)"] == "PyTorch bf16 (DSVL_NATIVE=0)"
     assert rows["attention (decode)"] == "PyTorch matmul + softmax (DSVL_NATIVE=0)"
     assert rows["rmsnorm (decode)"] == rows["rotary (decode)"] == "PyTorch (DSVL_NATIVE=0)"
+    assert rows["decoder layer (decode)"] == "op by op (DSVL_NATIVE=0)"
     assert kernels.summary("cpu", torch.bfloat16, "8bit", "int8") == "PyTorch int8 (DSVL_NATIVE=0)"
     assert kernels.summary("cpu", torch.float32) == "PyTorch fp32"
     assert kernels.summary("cuda", torch.bfloat16, "4bit", "bitsandbytes") == "bitsandbytes NF4 on cuda"

@@ -60,3 +60,33 @@ def test_runtime_applies_it_for_cpu_bf16(monkeypatch):
     loaded = runtime.Runtime.load(TALKATIVE, dtype="bf16")
     assert isinstance(loaded.model.aligner.layers[0], UpcastLinear)
     assert type(runtime.Runtime.load(TALKATIVE).model.aligner.layers[0]) is nn.Linear  # fp32: untouched
+
+
+def test_mkl_bf16_gemm_gives_the_upcast_product_bitwise(monkeypatch):
+    import sys
+
+    from engine.kernels import bf16
+
+    if sys.platform == "linux" and "x86_64" in __import__("platform").machine():
+        assert bf16._mkl_gemm_bf16() is not None  # PyTorch's x86 Linux wheels carry MKL: the path must run here
+    g = torch.Generator().manual_seed(0)
+    for shape, N, bias in (((1, 40, 96), 72, False), ((3, 17, 96), 40, True), ((650, 256), 300, True)):
+        x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        w = torch.randn(N, shape[-1], generator=g).to(torch.bfloat16)
+        b = torch.randn(N, generator=g).to(torch.bfloat16) if bias else None
+        expected = nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
+        with torch.no_grad():
+            y = bf16.mkl_linear(x, w, b)
+        if bf16._mkl_gemm_bf16() is not None:
+            assert y.shape == (*shape[:-1], N) and torch.equal(y, expected)
+    w.requires_grad_(True)
+    assert bf16.mkl_linear(x, w, b) is None  # autograd: PyTorch's own ops
+    assert bf16.mkl_linear(x.float(), w.detach(), b) is None  # fp32 activations
+    # Without MKL (another PyTorch build) the layer takes the reused-buffer path, with the same result.
+    linear = nn.Linear(96, 40).to(torch.bfloat16)
+    upcast_matmuls(linear)
+    x = torch.randn(2, 17, 96, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        with_mkl = linear(x)
+        monkeypatch.setattr(bf16, "_mkl_gemm_bf16", lambda: None)
+        assert torch.equal(linear(x), with_mkl)

@@ -9,9 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels import native, scratch
+from engine.kernels import bf16, native, scratch
 from engine.kernels.bf16 import upcast_matmuls
 from engine.kernels.quant import Int8Linear, NF4Linear
+
+
+@pytest.fixture(autouse=True)
+def without_mkl_bf16_gemm(monkeypatch):
+    """bf16 layers take the buffers where PyTorch has no MKL; where it has, MKL's bf16 GEMM comes first
+    (tests/test_kernels_bf16.py). These tests are about the buffers, so MKL's path is off here."""
+    monkeypatch.setattr(bf16, "_mkl_gemm_bf16", lambda: None)
 
 
 def bf16_linear(n_in=256, n_out=96, seed=0) -> nn.Linear:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
-from .bf16 import native_bf16
+from .bf16 import mkl_bf16, native_bf16
 
 
 # ------------------------------------------------------------------ operations the model calls
@@ -188,9 +188,14 @@ def backends(device="cpu", dtype: torch.dtype = torch.bfloat16, quantization: st
     if dtype == torch.bfloat16:
         rows["bf16 matmul (decode)"] = NATIVE + " bf16" if off is None else f"PyTorch bf16 {fallback}"
         rows["bf16 matmul (prefill)"] = ("PyTorch bf16 (the CPU has bf16 instructions)" if native_bf16()
-                                         else "fp32 upcast (the CPU has no bf16 instructions)")
+                                         else "MKL bf16 GEMM, fp32 math (the CPU has no bf16 instructions)"
+                                         if mkl_bf16() else "fp32 upcast (the CPU has no bf16 instructions)")
     else:
         rows[f"{name} matmul"] = f"PyTorch {name}"
+    unread = ({"int4": "int4 weights", "bitsandbytes": "bitsandbytes weights"}.get(quant_backend) if quantization
+              else None if dtype == torch.bfloat16 else f"{name} weights")  # what the native layer cannot read
+    rows["decoder layer (decode)"] = (f"op by op {fallback}" if off else f"op by op ({unread})" if unread
+                                      else NATIVE + ", one call per layer")
     rows["attention (decode)"] = NATIVE if off is None else f"PyTorch matmul + softmax {fallback}"
     rows["attention (prefill)"] = "PyTorch SDPA"
     rows["rmsnorm (decode)"] = NATIVE if off is None else f"PyTorch {fallback}"
