@@ -567,9 +567,10 @@ def test_backends_name_the_native_kernels_where_they_run():
     rows = kernels.backends("cpu", torch.bfloat16)
     assert rows["bf16 matmul (decode)"] == "native AVX2 bf16"
     assert rows["decoder layer (decode)"] == "native AVX2, one call per layer"
-    assert kernels.backends("cpu", torch.bfloat16, "4bit", "int4")["decoder layer (decode)"] == "op by op (int4 weights)"
-    assert kernels.backends("cpu", torch.float32)["decoder layer (decode)"] == "op by op (fp32 weights)"
-    assert kernels.backends("cpu", torch.float32, "8bit", "int8")["decoder layer (decode)"] == rows["decoder layer (decode)"]
+    layer = "decoder layer (decode)"
+    assert kernels.backends("cpu", torch.bfloat16, "4bit", "int4")[layer] == "op by op (int4 weights)"
+    assert kernels.backends("cpu", torch.float32)[layer] == "op by op (fp32 weights)"
+    assert kernels.backends("cpu", torch.float32, "8bit", "int8")[layer] == rows[layer]
     assert rows["bf16 matmul (prefill)"] == ("PyTorch bf16 (the CPU has bf16 instructions)" if native_bf16()
                                              else "MKL bf16 GEMM, fp32 math (the CPU has no bf16 instructions)"
                                              if mkl_bf16() else "fp32 upcast (the CPU has no bf16 instructions)")

@@ -144,7 +144,8 @@ class NF4Linear(QuantizedLinear):
 
     def gemv_weight(self):
         b = self._buffers
-        return native.Weight(native.NF4, b["packed"], self.out_features, self.in_features, b["absmax"], b["levels_int8"])
+        return native.Weight(native.NF4, b["packed"], self.out_features, self.in_features, b["absmax"],
+                             b["levels_int8"])
 
     def dequantize_into(self, out):
         if not native.dequantize_nf4(self.packed, self.absmax, self.levels, out):

@@ -78,15 +78,16 @@ static inline __m256 round_bf16x8(__m256 v) {
 static inline void store8(void *y, int bf16, size_t n, __m256 v) {
     if (!bf16) { _mm256_storeu_ps((float *)y + n, v); return; }
     __m256i r = _mm256_srli_epi32(_mm256_castps_si256(round_bf16x8(v)), 16);
-    _mm_storeu_si128((__m128i *)((uint16_t *)y + n), _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+    _mm_storeu_si128((__m128i *)((uint16_t *)y + n),
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
 }
 
 /* v as the dtype holds it: rounded to bf16 and back, or unchanged (fp32). */
 static inline float round_to(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
-/* e^x for x <= 0 (attention scores minus their max; -|g| in SiLU), eight at a time: 2^n · e^r with r = x - n·ln2 in [-ln2/2, ln2/2] and a
- * degree-6 polynomial for e^r (relative error ~2e-7, against ~1e-7 for libm's expf). Below -87 the result is
- * clamped to e^-87 ≈ 1.6e-38, nothing next to the max's weight of 1. */
+/* e^x for x <= 0 (attention scores minus their max; -|g| in SiLU), eight at a time: 2^n · e^r with r = x - n·ln2
+ * in [-ln2/2, ln2/2] and a degree-6 polynomial for e^r (relative error ~2e-7, against ~1e-7 for libm's expf).
+ * Below -87 the result is clamped to e^-87 ≈ 1.6e-38, nothing next to a softmax max's weight of 1. */
 static inline __m256 exp8_nonpositive(__m256 x) {
     x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x); /* in this order a NaN score stays NaN */
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -206,9 +207,10 @@ static void rows_int8(const int8_t *W, const float *scale, const int8_t *xq, con
 /* W is bitsandbytes' packed NF4: two 4-bit codes per byte, the first element in the high nibble, one absmax per
  * block of 64 consecutive elements (taken here as fp32, already un-double-quantized). The 16 NF4 levels come as
  * int8 (round(level * 127)); a code becomes the unsigned byte level + 127 (0..254) with one byte shuffle, so the
- * products run on maddubs (unsigned × signed bytes) with no sign fix-up (a third fewer instructions; the kernel was
- * compute-bound at ~14 GB/s on 2 AVX2 cores), and 127·Σx per block is taken back off in integers. maddubs adds pairs of products in 16 bits: 2 · 254 · 63 fits, so the activation is quantized to
- * [-63, 63] per block of 64 (its rounding error stays ~20x below NF4's own), its even and odd elements stored apart
+ * products run on maddubs (unsigned × signed bytes) with no sign fix-up (a third fewer instructions: the kernel
+ * was compute-bound at ~14 GB/s on 2 AVX2 cores), and 127·Σx per block is taken back off in integers. maddubs
+ * adds pairs of products in 16 bits and 2 · 254 · 63 fits, so the activation is quantized to [-63, 63] per block
+ * of 64 (the kernel's own error is then ~1.4 % of a product, NF4's ~9 %), its even and odd elements stored apart
  * so that they line up with the high and low nibbles. */
 #define NF4BLOCK 64
 #define NF4QMAX 63
@@ -220,7 +222,8 @@ static inline __m256i dot64_nf4(const uint8_t *packed, const int8_t *xq, __m256i
     __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
     __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low4));
     __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)xq)), ones);
-    p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 32))), ones));
+    __m256i q = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 32))), ones);
+    p = _mm256_add_epi32(p, q);
     return _mm256_sub_epi32(p, _mm256_load_si256((const __m256i *)correction));
 }
 
@@ -271,7 +274,8 @@ static void swiglu_rows(const float *g, const float *u, void *out, int bf16, int
         __m256 gv = _mm256_loadu_ps(g + n), uv = _mm256_loadu_ps(u + n);
         if (bf16) gv = round_bf16x8(gv), uv = round_bf16x8(uv);
         __m256 m = _mm256_or_ps(gv, sign); /* -|g| */
-        __m256 e = _mm256_and_ps(exp8_nonpositive(m), _mm256_cmp_ps(m, _mm256_set1_ps(-87.0f), _CMP_GE_OQ)); /* 0 below */
+        __m256 e = exp8_nonpositive(m);
+        e = _mm256_and_ps(e, _mm256_cmp_ps(m, _mm256_set1_ps(-87.0f), _CMP_GE_OQ)); /* 0 where it underflows */
         __m256 num = _mm256_blendv_ps(one, e, gv);           /* σ(g) = 1/(1+e) for g ≥ 0, e/(1+e) below */
         __m256 s = _mm256_div_ps(_mm256_mul_ps(gv, num), _mm256_add_ps(one, e)); /* g/(1+e) as PyTorch, g ≥ 0 */
         if (bf16) s = round_bf16x8(s);
@@ -466,15 +470,18 @@ static void rotate_rows(void *x, const void *cos, const void *sin, int heads, in
         int d = 0;
         for (; d + 8 <= half; d += 8) {
             __m256 x1 = load8(x, base + d, bf16), x2 = load8(x, base + half + d, bf16);
-            __m256 a1 = _mm256_mul_ps(x1, load8(cos, d, bf16)), b1 = _mm256_mul_ps(_mm256_xor_ps(x2, sign), load8(sin, d, bf16));
-            __m256 a2 = _mm256_mul_ps(x2, load8(cos, half + d, bf16)), b2 = _mm256_mul_ps(x1, load8(sin, half + d, bf16));
+            __m256 a1 = _mm256_mul_ps(x1, load8(cos, d, bf16));
+            __m256 b1 = _mm256_mul_ps(_mm256_xor_ps(x2, sign), load8(sin, d, bf16));
+            __m256 a2 = _mm256_mul_ps(x2, load8(cos, half + d, bf16));
+            __m256 b2 = _mm256_mul_ps(x1, load8(sin, half + d, bf16));
             if (bf16) a1 = round_bf16x8(a1), b1 = round_bf16x8(b1), a2 = round_bf16x8(a2), b2 = round_bf16x8(b2);
             store8(x, bf16, base + d, _mm256_add_ps(a1, b1));
             store8(x, bf16, base + half + d, _mm256_add_ps(a2, b2));
         }
         for (; d < half; d++) {
             float x1 = load1(x, base + d, bf16), x2 = load1(x, base + half + d, bf16);
-            store(x, bf16, base + d, round_to(x1 * load1(cos, d, bf16), bf16) + round_to(-x2 * load1(sin, d, bf16), bf16));
+            store(x, bf16, base + d,
+                  round_to(x1 * load1(cos, d, bf16), bf16) + round_to(-x2 * load1(sin, d, bf16), bf16));
             store(x, bf16, base + half + d,
                   round_to(x2 * load1(cos, half + d, bf16), bf16) + round_to(x1 * load1(sin, half + d, bf16), bf16));
         }
