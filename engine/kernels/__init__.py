@@ -192,10 +192,14 @@ def backends(device="cpu", dtype: torch.dtype = torch.bfloat16, quantization: st
                                          if mkl_bf16() else "fp32 upcast (the CPU has no bf16 instructions)")
     else:
         rows[f"{name} matmul"] = f"PyTorch {name}"
-    unread = ({"int4": "int4 weights", "bitsandbytes": "bitsandbytes weights"}.get(quant_backend) if quantization
-              else None if dtype == torch.bfloat16 else f"{name} weights")  # what the native layer cannot read
-    rows["decoder layer (decode)"] = (f"op by op {fallback}" if off else f"op by op ({unread})" if unread
-                                      else NATIVE + ", one call per layer")
+    if off:
+        rows["decoder layer (decode)"] = f"op by op {fallback}"
+    elif quantization and quant_backend in ("int4", "bitsandbytes"):  # weights the native layer cannot read
+        rows["decoder layer (decode)"] = f"op by op ({quant_backend} weights)"
+    elif not quantization and dtype != torch.bfloat16:  # plain fp32/fp16 linears: PyTorch's GEMV
+        rows["decoder layer (decode)"] = f"op by op ({name} weights)"
+    else:
+        rows["decoder layer (decode)"] = NATIVE + ", one call per layer"
     rows["attention (decode)"] = NATIVE if off is None else f"PyTorch matmul + softmax {fallback}"
     rows["attention (prefill)"] = "PyTorch SDPA"
     rows["rmsnorm (decode)"] = NATIVE if off is None else f"PyTorch {fallback}"
