@@ -154,9 +154,9 @@ def matmuls(model):
 
 def native_matmuls(model):
     """The same 169 products through the native bf16 kernel (engine/kernels/native)."""
-    weights = decode_weights(model)
-    inputs = {w.shape[1]: torch.randn(1, w.shape[1]).to(w.dtype) for w in weights}
-    return lambda: [native.gemv_bf16(inputs[w.shape[1]], w) for w in weights]
+    weights = [native.Weight(native.BF16, w, *w.shape) for w in decode_weights(model)]
+    inputs = {w.cols: torch.randn(1, w.cols).to(torch.bfloat16) for w in weights}
+    return lambda: [native.gemv(inputs[w.cols], [w]) for w in weights]
 
 
 def reads(model):
