@@ -1,5 +1,6 @@
-"""Prefill and image-encode speed of the 1.3B on this CPU with the reused fp32 buffers of engine/kernels/scratch.py
-and without them (the allocating path: each weight converted or dequantized into a new tensor per product).
+"""Prefill and image-encode speed of the 1.3B on this CPU by each path a many-row product can take: a new fp32 tensor
+per product (allocating), the reused fp32 buffers of engine/kernels/scratch.py, and for bf16 weights MKL's bf16
+GEMM (engine/kernels/bf16.py; the default where PyTorch carries MKL).
 
 bench_decode's models (random bf16 1.3B; --load-8bit and --load-4bit as the runtime builds them on a CPU) run
 the chat's prefill call on one --context-token prompt, and bench_vision's 1.3B SigLIP-L tower (random weights,
@@ -23,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import bench_decode as bd
 import bench_vision as bv
+from engine.kernels import bf16 as kernels_bf16
 from engine.kernels import scratch
 
 
@@ -32,11 +34,14 @@ def encode(tower, pixels: torch.Tensor):
 
 
 CAP = scratch.MAX_ELEMENTS
+MKL_GEMM = kernels_bf16._mkl_gemm_bf16()
+PATHS = ("allocating", "reused buffers", "MKL bf16 GEMM")
 
 
-def with_buffers(on: bool) -> None:
-    """Sets the cap that decides whether products go through the buffers (0: none does)."""
-    scratch.MAX_ELEMENTS = CAP if on else 0
+def take(path: str) -> None:
+    """Sends many-row products down `path`: the buffers' cap (0: none goes through them) and MKL's GEMM on or off."""
+    scratch.MAX_ELEMENTS = 0 if path == "allocating" else CAP
+    kernels_bf16._mkl_gemm_bf16 = (lambda: MKL_GEMM) if path == "MKL bf16 GEMM" else (lambda: None)
 
 
 def split(model, ids) -> str:
@@ -73,30 +78,32 @@ def main():
     pixels = (2 * torch.rand(1, 3, 384, 384, generator=torch.Generator().manual_seed(1)) - 1).to(torch.bfloat16)
     runs = {name: (lambda m=m: bd.prefill(m, ids)) for name, m in models.items()}
     runs["1.3B SigLIP-L encode"] = lambda: encode(tower, pixels)
-    times: dict[tuple[str, bool], list[float]] = {(name, on): [] for name in runs for on in (False, True)}
+    bf16_runs = ("bf16", "1.3B SigLIP-L encode")  # the only rows MKL's bf16 GEMM can change
+    paths = {name: PATHS if name in bf16_runs and MKL_GEMM is not None else PATHS[:2] for name in runs}
+    times: dict[tuple[str, str], list[float]] = {(name, path): [] for name in runs for path in paths[name]}
     for rep in range(args.reps + 1):  # the first round warms up (buffers sized, kernels built): not counted
-        for (name, on), seconds in times.items():
-            with_buffers(on)
+        for (name, path), seconds in times.items():
+            take(path)
             t = time.perf_counter()
             runs[name]()
             if rep:
                 seconds.append(time.perf_counter() - t)
     splits = {}
-    for on in (False, True):
-        with_buffers(on)
-        splits[on] = split(bf16, ids)
-    with_buffers(True)
+    for path in paths["bf16"]:
+        take(path)
+        splits[path] = split(bf16, ids)
+    take(paths["bf16"][-1])
 
     print(f"CPU: {bd.cpu_name()}, torch {torch.__version__} ({torch.get_num_threads()} threads), 1-min load average "
           f"before {load_before:.2f}, after {os.getloadavg()[0]:.2f}; 1.3B LM, a {args.context}-token prefill; "
           f"1.3B SigLIP-L, one 384² image; {args.reps} timed rounds after one warm-up, round robin\n")
-    print("| run | allocating (median; min–max) | reused buffers | ratio |\n|---|---|---|---|")
+    print("| run | " + " | ".join(f"{path} (median; min–max)" for path in PATHS) + " |\n|---|---|---|---|")
     for name in runs:
-        old, new = (statistics.median(times[name, on]) for on in (False, True))
         tokens = args.context if name in models else None
-        print(f"| {name} | {cell(times[name, False], tokens)} | {cell(times[name, True], tokens)} | {old / new:.2f}× faster |")
-    print(f"\nbf16 prefill under torch.profiler, self CPU time: allocating {splits[False]}; "
-          f"reused buffers {splits[True]}")
+        cells = [cell(times[name, path], tokens) if (name, path) in times else "–" for path in PATHS]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nbf16 prefill under torch.profiler, self CPU time of aten ops (MKL's GEMM, called through ctypes, is not "
+          "one): " + "; ".join(f"{path} {text}" for path, text in splits.items()))
 
 
 if __name__ == "__main__":
