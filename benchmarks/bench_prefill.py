@@ -1,6 +1,6 @@
 """Prefill and image-encode speed of the 1.3B on this CPU by each path a many-row product can take: a new fp32 tensor
-per product (allocating), the reused fp32 buffers of engine/kernels/scratch.py, and for bf16 weights MKL's bf16
-GEMM (engine/kernels/bf16.py; the default where PyTorch carries MKL).
+per product (allocating), the reused fp32 buffers of engine/kernels/scratch.py, for bf16 weights MKL's bf16 GEMM
+(engine/kernels/bf16.py), and the native GEMM (engine/kernels/native/gemm.c; the default where it builds).
 
 bench_decode's models (random bf16 1.3B; --load-8bit and --load-4bit as the runtime builds them on a CPU) run
 the chat's prefill call on one --context-token prompt, and bench_vision's 1.3B SigLIP-L tower (random weights,
@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 import bench_decode as bd
 import bench_vision as bv
 from engine.kernels import bf16 as kernels_bf16
-from engine.kernels import scratch
+from engine.kernels import native, scratch
 
 
 @torch.inference_mode()
@@ -35,13 +35,16 @@ def encode(tower, pixels: torch.Tensor):
 
 CAP = scratch.MAX_ELEMENTS
 MKL_GEMM = kernels_bf16._mkl_gemm_bf16()
-PATHS = ("allocating", "reused buffers", "MKL bf16 GEMM")
+NATIVE_GEMM = native.gemm
+PATHS = ("allocating", "reused buffers", "MKL bf16 GEMM", "native GEMM")
 
 
 def take(path: str) -> None:
-    """Sends many-row products down `path`: the buffers' cap (0: none goes through them) and MKL's GEMM on or off."""
+    """Sends many-row products down `path`: the buffers' cap (0: none goes through them), MKL's GEMM and the native
+    GEMM each on or off (the modules call both through their modules' attributes)."""
     scratch.MAX_ELEMENTS = 0 if path == "allocating" else CAP
     kernels_bf16._mkl_gemm_bf16 = (lambda: MKL_GEMM) if path == "MKL bf16 GEMM" else (lambda: None)
+    native.gemm = NATIVE_GEMM if path == "native GEMM" else (lambda *args, **kwargs: None)
 
 
 def split(model, ids) -> str:
@@ -79,7 +82,8 @@ def main():
     runs = {name: (lambda m=m: bd.prefill(m, ids)) for name, m in models.items()}
     runs["1.3B SigLIP-L encode"] = lambda: encode(tower, pixels)
     bf16_runs = ("bf16", "1.3B SigLIP-L encode")  # the only rows MKL's bf16 GEMM can change
-    paths = {name: PATHS if name in bf16_runs and MKL_GEMM is not None else PATHS[:2] for name in runs}
+    paths = {name: [path for path in PATHS if (path != "MKL bf16 GEMM" or name in bf16_runs and MKL_GEMM is not None)
+                    and (path != "native GEMM" or native.kernels() is not None)] for name in runs}
     times: dict[tuple[str, str], list[float]] = {(name, path): [] for name in runs for path in paths[name]}
     for rep in range(args.reps + 1):  # the first round warms up (buffers sized, kernels built): not counted
         for (name, path), seconds in times.items():
@@ -97,13 +101,13 @@ def main():
     print(f"CPU: {bd.cpu_name()}, torch {torch.__version__} ({torch.get_num_threads()} threads), 1-min load average "
           f"before {load_before:.2f}, after {os.getloadavg()[0]:.2f}; 1.3B LM, a {args.context}-token prefill; "
           f"1.3B SigLIP-L, one 384² image; {args.reps} timed rounds after one warm-up, round robin\n")
-    print("| run | " + " | ".join(f"{path} (median; min–max)" for path in PATHS) + " |\n|---|---|---|---|")
+    print("| run | " + " | ".join(f"{path} (median; min–max)" for path in PATHS) + " |\n" + "|---" * (len(PATHS) + 1) + "|")
     for name in runs:
         tokens = args.context if name in models else None
         cells = [cell(times[name, path], tokens) if (name, path) in times else "–" for path in PATHS]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\nbf16 prefill under torch.profiler, self CPU time of aten ops (MKL's GEMM, called through ctypes, is not "
-          "one): " + "; ".join(f"{path} {text}" for path, text in splits.items()))
+    print("\nbf16 prefill under torch.profiler, self CPU time of aten ops (MKL's and the native GEMM, called through "
+          "ctypes, are not ones): " + "; ".join(f"{path} {text}" for path, text in splits.items()))
 
 
 if __name__ == "__main__":

@@ -562,7 +562,7 @@ def native_off(monkeypatch):
 @needs_kernels
 def test_backends_name_the_native_kernels_where_they_run():
     from engine import kernels
-    from engine.kernels.bf16 import mkl_bf16, native_bf16
+    from engine.kernels.bf16 import native_bf16
 
     rows = kernels.backends("cpu", torch.bfloat16)
     assert rows["bf16 matmul (decode)"] == "native AVX2 bf16"
@@ -572,8 +572,10 @@ def test_backends_name_the_native_kernels_where_they_run():
     assert kernels.backends("cpu", torch.float32)[layer] == "op by op (fp32 weights)"
     assert kernels.backends("cpu", torch.float32, "8bit", "int8")[layer] == rows[layer]
     assert rows["bf16 matmul (prefill)"] == ("PyTorch bf16 (the CPU has bf16 instructions)" if native_bf16()
-                                             else "MKL bf16 GEMM, fp32 math (the CPU has no bf16 instructions)"
-                                             if mkl_bf16() else "fp32 upcast (the CPU has no bf16 instructions)")
+                                             else "native AVX2 GEMM, fp32 math (the CPU has no bf16 instructions)")
+    for quantization, backend, key in (("8bit", "int8", "int8"), ("4bit", "nf4", "4-bit")):
+        prefill = kernels.backends("cpu", torch.bfloat16, quantization, backend)[f"{key} matmul (prefill)"]
+        assert prefill == "native AVX2 GEMM, dequantized while packing"
     assert rows["attention (decode)"] == rows["rmsnorm (decode)"] == rows["rotary (decode)"] == "native AVX2"
     assert kernels.backends("cpu", torch.bfloat16, "8bit", "int8")["int8 matmul (decode)"] == "native AVX2 int8"
     assert kernels.summary("cpu", torch.bfloat16, "4bit", "nf4") == "native AVX2 NF4"
@@ -585,6 +587,7 @@ def test_backends_name_the_native_kernels_where_they_run():
 
 def test_backends_without_native_kernels_say_why(native_off):
     from engine import kernels
+    from engine.kernels.bf16 import mkl_bf16
     from engine.quantize import pick_backend
 
     assert native.kernels() is None and native.status() == "disabled by DSVL_NATIVE=0"
@@ -594,6 +597,11 @@ def test_backends_without_native_kernels_say_why(native_off):
     assert rows["attention (decode)"] == "PyTorch matmul + softmax (DSVL_NATIVE=0)"
     assert rows["rmsnorm (decode)"] == rows["rotary (decode)"] == "PyTorch (DSVL_NATIVE=0)"
     assert rows["decoder layer (decode)"] == "op by op (DSVL_NATIVE=0)"
+    assert rows["4-bit matmul (prefill)"] == "PyTorch int4, groups of 64"
+    assert kernels.backends("cpu", torch.bfloat16)["bf16 matmul (prefill)"] == (
+        f"{'MKL bf16 GEMM, fp32 math' if mkl_bf16() else 'fp32 upcast'} (DSVL_NATIVE=0)")
+    rows = kernels.backends("cpu", torch.bfloat16, "8bit", "int8")
+    assert rows["int8 matmul (prefill)"] == "fp32, dequantized per call (DSVL_NATIVE=0)"
     assert kernels.summary("cpu", torch.bfloat16, "8bit", "int8") == "PyTorch int8 (DSVL_NATIVE=0)"
     assert kernels.summary("cpu", torch.float32) == "PyTorch fp32"
     assert kernels.summary("cuda", torch.bfloat16, "4bit", "bitsandbytes") == "bitsandbytes NF4 on cuda"

@@ -65,7 +65,7 @@ def test_runtime_applies_it_for_cpu_bf16(monkeypatch):
 def test_mkl_bf16_gemm_gives_the_upcast_product_bitwise(monkeypatch):
     import sys
 
-    from engine.kernels import bf16
+    from engine.kernels import bf16, native
 
     if sys.platform == "linux" and "x86_64" in __import__("platform").machine():
         assert bf16._mkl_gemm_bf16() is not None  # PyTorch's x86 Linux wheels carry MKL: the path must run here
@@ -82,10 +82,12 @@ def test_mkl_bf16_gemm_gives_the_upcast_product_bitwise(monkeypatch):
     w.requires_grad_(True)
     assert bf16.mkl_linear(x, w, b) is None  # autograd: PyTorch's own ops
     assert bf16.mkl_linear(x.float(), w.detach(), b) is None  # fp32 activations
-    # Without MKL (another PyTorch build) the layer takes the reused-buffer path, with the same result.
+    # Without the native GEMM the layer takes MKL's; without MKL (another PyTorch build) the reused-buffer path,
+    # with the same result.
     linear = nn.Linear(96, 40).to(torch.bfloat16)
     upcast_matmuls(linear)
     x = torch.randn(2, 17, 96, generator=g).to(torch.bfloat16)
+    monkeypatch.setattr(native, "gemm", lambda *args, **kwargs: None)
     with torch.no_grad():
         with_mkl = linear(x)
         monkeypatch.setattr(bf16, "_mkl_gemm_bf16", lambda: None)

@@ -15,9 +15,10 @@ from engine.kernels.quant import Int8Linear, NF4Linear
 
 
 @pytest.fixture(autouse=True)
-def without_mkl_bf16_gemm(monkeypatch):
-    """bf16 layers take the buffers where PyTorch has no MKL; where it has, MKL's bf16 GEMM comes first
-    (tests/test_kernels_bf16.py). These tests are about the buffers, so MKL's path is off here."""
+def without_gemm_kernels(monkeypatch):
+    """Many-row products take the buffers where neither the native GEMM (tests/test_kernels_gemm.py) nor, for bf16,
+    MKL's bf16 GEMM (tests/test_kernels_bf16.py) runs. These tests are about the buffers, so both are off here."""
+    monkeypatch.setattr(native, "gemm", lambda *args, **kwargs: None)
     monkeypatch.setattr(bf16, "_mkl_gemm_bf16", lambda: None)
 
 

@@ -136,6 +136,7 @@ def _gemv_weights(modules) -> list[native.Weight] | None:
 
 # ------------------------------------------------------------------ what runs, and why
 NATIVE = "native AVX2"
+GEMM = NATIVE + " GEMM"
 
 
 def _without_native() -> str | None:
@@ -176,20 +177,26 @@ def backends(device="cpu", dtype: torch.dtype = torch.bfloat16, quantization: st
             "int8": NATIVE + " int8" if off is None else f"PyTorch int8 {fallback}",
             "bitsandbytes": "bitsandbytes LLM.int8 (slow on a CPU)",
         }[quant_backend]
-        rows["int8 matmul (prefill)"] = rows["int8 matmul (decode)"] if quant_backend == "bitsandbytes" else "fp32, dequantized per call"
+        rows["int8 matmul (prefill)"] = (rows["int8 matmul (decode)"] if quant_backend == "bitsandbytes"
+                                         else GEMM + ", dequantized while packing" if off is None
+                                         else f"fp32, dequantized per call {fallback}")
     elif quantization == "4bit":
         rows["4-bit matmul (decode)"] = {
             "nf4": NATIVE + " NF4" if off is None else f"PyTorch NF4, dequantized per call {fallback}",
             "int4": "PyTorch int4, groups of 64 " + (fallback if off else "(--quant-backend int4)"),
             "bitsandbytes": "bitsandbytes NF4 (slow on a CPU)",
         }[quant_backend]
-        rows["4-bit matmul (prefill)"] = {"nf4": "fp32, dequantized per call", "int4": "PyTorch int4, groups of 64",
+        nf4 = GEMM + ", dequantized while packing" if off is None else f"fp32, dequantized per call {fallback}"
+        rows["4-bit matmul (prefill)"] = {"nf4": nf4, "int4": "PyTorch int4, groups of 64",
                                           "bitsandbytes": rows["4-bit matmul (decode)"]}[quant_backend]
     if dtype == torch.bfloat16:
         rows["bf16 matmul (decode)"] = NATIVE + " bf16" if off is None else f"PyTorch bf16 {fallback}"
-        rows["bf16 matmul (prefill)"] = ("PyTorch bf16 (the CPU has bf16 instructions)" if native_bf16()
-                                         else "MKL bf16 GEMM, fp32 math (the CPU has no bf16 instructions)"
-                                         if mkl_bf16() else "fp32 upcast (the CPU has no bf16 instructions)")
+        if native_bf16():
+            rows["bf16 matmul (prefill)"] = "PyTorch bf16 (the CPU has bf16 instructions)"
+        elif off is None:
+            rows["bf16 matmul (prefill)"] = GEMM + ", fp32 math (the CPU has no bf16 instructions)"
+        else:
+            rows["bf16 matmul (prefill)"] = f"{'MKL bf16 GEMM, fp32 math' if mkl_bf16() else 'fp32 upcast'} {fallback}"
     else:
         rows[f"{name} matmul"] = f"PyTorch {name}"
     if off:

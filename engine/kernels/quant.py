@@ -18,9 +18,11 @@ it faster than bf16 instead.
   weight), multiplied by PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`), so 4-bit needs no
   compiler. About as accurate as NF4 on Gaussian weights (~9% relative error per product).
 
-Many-row products (prefill) are compute-bound: int8 and NF4 dequantize to fp32 (into a reused buffer when no
-gradient is wanted: `scratch.py`) and use PyTorch's matmul, which on CPUs without bf16 instructions runs several
-times faster than bf16; int4 uses its kernel for all rows.
+Many-row products (prefill) are compute-bound: int8 and NF4 run in the native GEMM (`native/gemm.c`), which
+dequantizes each block of weights to fp32 as it packs it, at the speed of its bf16 products (a 600-token 1.3B
+prefill: 2.2x faster in 8-bit, 1.8x in 4-bit than dequantizing first, 2026-12-06). Without it they dequantize to
+fp32 (into a reused buffer when no gradient is wanted: `scratch.py`) and use PyTorch's fp32 matmul; int4 uses its
+kernel for all rows.
 """
 
 from __future__ import annotations
@@ -74,9 +76,14 @@ class QuantizedLinear(nn.Module):
         ys = native.gemv(x, [weight]) if weight is not None else None
         return ys[0] if ys is not None else None
 
+    def gemm_weight(self) -> native.Weight | None:
+        """The weight as the native matrix-matrix kernel reads it; None where that kernel has no such format."""
+        return self.gemv_weight()
+
     def many_rows(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x holding several rows → the product, or None to dequantize (the default: see the module's note)."""
-        return None
+        """x holding several rows → the product by the native GEMM, or None to dequantize (see the module's note)."""
+        weight = self.gemm_weight()
+        return native.gemm(x, weight) if weight is not None else None
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [N, K] as floats. A subclass defines this or `dequantize_into`."""
@@ -146,6 +153,10 @@ class NF4Linear(QuantizedLinear):
         b = self._buffers
         return native.Weight(native.NF4, b["packed"], self.out_features, self.in_features, b["absmax"],
                              b["levels_int8"])
+
+    def gemm_weight(self):
+        b = self._buffers
+        return native.Weight(native.NF4, b["packed"], self.out_features, self.in_features, b["absmax"], b["levels"])
 
     def dequantize_into(self, out):
         if not native.dequantize_nf4(self.packed, self.absmax, self.levels, out):

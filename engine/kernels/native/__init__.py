@@ -1,4 +1,5 @@
-"""Native decode kernels (decode_kernels.c), compiled on first use with the system C compiler.
+"""Native kernels, compiled on first use with the system C compiler: decode_kernels.c (one-row products and the
+rest of a decoded token) and gemm.c (many-row products: prefill, image encoding).
 
 Optional by design: where there is no x86-64 CPU with AVX2 + FMA, no C compiler, or DSVL_NATIVE=0 is set,
 `kernels()` returns None and callers use their PyTorch path. `status()` says which and why.
@@ -24,7 +25,8 @@ from typing import NamedTuple
 
 import torch
 
-SOURCE = Path(__file__).with_name("decode_kernels.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_kernels.c", "gemm.c")]
+HEADERS = [Path(__file__).with_name("simd.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 _lock = threading.Lock()
@@ -57,9 +59,10 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _build(compiler: str, source: Path = SOURCE) -> Path:
-    """The shared library of `source` (benchmarks pass an older revision of it), compiled once per source text."""
-    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+def _build(compiler: str) -> Path:
+    """The shared library of the sources, compiled once per source text."""
+    text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(text + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
     target = cache_dir() / f"decode_kernels-{key}.so"
     if target.exists():
         return target
@@ -67,7 +70,8 @@ def _build(compiler: str, source: Path = SOURCE) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
+        result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+                                timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
         os.replace(tmp, target)  # atomic: another process sees the old state or the whole library
@@ -93,6 +97,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsvl_decode_layer.argtypes = [p, p, p, ctypes.c_float, i, p, p, p, p, p, p, p, i, i, i, i, i, i, i,
                                       ctypes.c_float, i, i]
     lib.dsvl_decode_layer.restype = i
+    lib.dsvl_gemm.argtypes = [i, p, p, p, p, i, i, i, p, i, p, i, i]
+    lib.dsvl_gemm.restype = i
     return lib
 
 
@@ -172,10 +178,10 @@ class Weight(NamedTuple):
     rows: int
     cols: int
     scale: torch.Tensor | None = None  # INT8: fp32 [rows], one per row; NF4: fp32 absmax [rows·cols/64]
-    levels: torch.Tensor | None = None  # NF4: the 16 levels as int8, round(level·127)
+    levels: torch.Tensor | None = None  # NF4: the 16 levels; int8 round(level·127) for gemv, fp32 for gemm
 
 
-def _readable(w: Weight) -> bool:
+def _readable(w: Weight, levels: torch.dtype = torch.int8) -> bool:
     dtype, multiple = _FORMAT[w.kind]
     numel = w.rows * w.cols // (2 if w.kind == NF4 else 1)
     ok = (w.data.dtype == dtype and w.data.is_cpu and w.data.is_contiguous()
@@ -184,7 +190,7 @@ def _readable(w: Weight) -> bool:
         scales = w.rows if w.kind == INT8 else w.rows * w.cols // 64
         ok = w.scale.dtype == torch.float32 and w.scale.is_contiguous() and w.scale.numel() == scales
     if ok and w.kind == NF4:
-        ok = w.levels.dtype == torch.int8 and w.levels.numel() == 16
+        ok = w.levels.dtype == levels and w.levels.numel() == 16
     return ok
 
 
@@ -214,6 +220,29 @@ def gemv(x: torch.Tensor, weights: Sequence[Weight], swiglu: bool = False) -> li
                      torch.get_num_threads()):
         raise MemoryError("gemv: out of memory")
     return ys[0] if swiglu else ys
+
+
+# ------------------------------------------------------------------ matrix-matrix products
+def gemm(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [..., K] (several rows, bf16 or fp32) times w [N, K] (NF4 levels in fp32) plus bias [N] → [..., N] in x's
+    dtype, computed in fp32 (gemm.c); None if not applicable (autograd, another device, over 2³¹ elements)."""
+    lib = kernels()
+    if lib is None or not x.is_cpu or x.dtype not in (torch.bfloat16, torch.float32) or x.shape[-1] != w.cols:
+        return None
+    N, K = w.rows, w.cols
+    M = x.numel() // K
+    if (not _readable(w, torch.float32) or max(M * K, M * N, N * K) >= 2**31 or _needs_grad(x)
+            or (bias is not None and (bias.numel() != N or not bias.is_cpu or _needs_grad(bias)))):
+        return None
+    rows = x.reshape(M, K).contiguous()
+    out = x.new_empty(*x.shape[:-1], N)
+    bias = None if bias is None else bias.float().contiguous()
+    bf16 = int(x.dtype == torch.bfloat16)
+    if lib.dsvl_gemm(w.kind, w.data.data_ptr(), None if w.scale is None else w.scale.data_ptr(),
+                     None if w.levels is None else w.levels.data_ptr(), None if bias is None else bias.data_ptr(),
+                     M, N, K, rows.data_ptr(), bf16, out.data_ptr(), bf16, torch.get_num_threads()):
+        raise MemoryError("gemm: out of memory")
+    return out
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, out: torch.Tensor) -> bool:

@@ -17,25 +17,7 @@
 #include <math.h>
 #include <omp.h>
 
-/* ------------------------------------------------------------------ conversions */
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline __m256 bf16x8_to_f32(__m128i v) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
+#include "simd.h"
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -51,11 +33,6 @@ static void load_vector(const void *x, int is_bf16, float *out, int K) {
     for (int k = 0; k < K; k++) out[k] = bf16_to_f32(h[k]);
 }
 
-static inline void store(void *y, int is_bf16, int n, float v) {
-    if (is_bf16) ((uint16_t *)y)[n] = f32_to_bf16(v);
-    else ((float *)y)[n] = v;
-}
-
 static inline __m256 load8(const void *p, size_t i, int bf16) {
     if (bf16) return bf16x8_to_f32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
     return _mm256_loadu_ps((const float *)p + i);
@@ -63,23 +40,6 @@ static inline __m256 load8(const void *p, size_t i, int bf16) {
 
 static inline float load1(const void *p, size_t i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-/* Round eight floats to bf16 (nearest, ties to even), kept as floats; a NaN stays NaN, as in f32_to_bf16. */
-static inline __m256 round_bf16x8(__m256 v) {
-    __m256i u = _mm256_castps_si256(v), high = _mm256_set1_epi32((int)0xffff0000u);
-    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), high);
-    __m256i quiet = _mm256_or_si256(_mm256_and_si256(u, high), _mm256_set1_epi32(0x00400000));
-    return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(quiet), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-}
-
-/* Eight floats into y[n..n+8) of the dtype: rounded to bf16 as f32_to_bf16 does, or as they are. */
-static inline void store8(void *y, int bf16, size_t n, __m256 v) {
-    if (!bf16) { _mm256_storeu_ps((float *)y + n, v); return; }
-    __m256i r = _mm256_srli_epi32(_mm256_castps_si256(round_bf16x8(v)), 16);
-    _mm_storeu_si128((__m128i *)((uint16_t *)y + n),
-                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
 }
 
 /* v as the dtype holds it: rounded to bf16 and back, or unchanged (fp32). */
