@@ -67,8 +67,8 @@ static inline __m256 weights8(const Weights *w, int n, int k) {
      * looks its level up in two 8-entry halves of the table. */
     uint32_t four;
     memcpy(&four, (const uint8_t *)w->data + e / 2, 4);
-    __m256i bytes = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128((int)four),
-                                                          _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1)));
+    const __m128i pairs = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m256i bytes = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128((int)four), pairs));
     __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(bytes, _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0)),
                                      _mm256_set1_epi32(15));
     __m256 low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(w->levels), codes);
@@ -154,19 +154,16 @@ static void finish(const float *tile, int mr, int nr, float *acc, size_t ldacc, 
 int dsvl_gemm(int kind, const void *W, const float *scale, const float *levels, const float *bias, int M, int N,
               int K, const void *x, int x_bf16, void *out, int out_bf16, int threads) {
     Weights w = {kind, K, W, scale, levels};
-    const float *xf = x;
     float *converted = NULL;
     if (x_bf16 && !(converted = malloc((size_t)M * K * sizeof(float)))) return -1;
+    const float *xf = converted ? converted : x;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), T = omp_get_num_threads();
-        if (converted) { /* x to fp32 once, each thread a share of the rows */
-            const uint16_t *h = x;
+        if (converted) /* x to fp32 once, each thread a share of it (the barrier below waits for all) */
             for (size_t i = (size_t)M * K * t / T, end = (size_t)M * K * (t + 1) / T; i < end; i++)
-                converted[i] = bf16_to_f32(h[i]);
-            xf = converted;
-        }
+                converted[i] = bf16_to_f32(((const uint16_t *)x)[i]);
         int panels = (N + NR - 1) / NR, p0 = (int)((long)panels * t / T), p1 = (int)((long)panels * (t + 1) / T);
         int n_lo = p0 * NR, n_hi = p1 * NR < N ? p1 * NR : N;
         float *panel = aligned_alloc(64, (size_t)KC * NC * sizeof(float));
@@ -177,22 +174,25 @@ int dsvl_gemm(int kind, const void *W, const float *scale, const float *levels, 
             failed = 1;
         }
 #pragma omp barrier
+        /* The five loops around the micro-kernel, outermost first: NC weight rows, a KC pass of depth (packed
+         * here), MC rows of x, one 16-row panel, 6 rows of x. */
         for (int jc = n_lo; !failed && jc < n_hi; jc += NC) {
             int nc = n_hi - jc < NC ? n_hi - jc : NC;
             for (int pc = 0; pc < K; pc += KC) {
                 int kc = K - pc < KC ? K - pc : KC, first = pc == 0, last = pc + kc == K;
-                for (int j = 0; j < nc; j += NR) pack(&w, jc + j, nc - j < NR ? nc - j : NR, pc, kc, panel + (size_t)j * kc);
+                for (int j = 0; j < nc; j += NR)
+                    pack(&w, jc + j, nc - j < NR ? nc - j : NR, pc, kc, panel + (size_t)j * kc);
                 for (int ic = 0; ic < M; ic += MC) {
                     int mc = M - ic < MC ? M - ic : MC;
                     for (int j = 0; j < nc; j += NR) {
                         int nr = nc - j < NR ? nc - j : NR;
                         for (int i = ic; i < ic + mc; i += MR) {
                             int mr = ic + mc - i < MR ? ic + mc - i : MR;
-                            /* a short last block of rows repeats its first row: computed, never stored */
                             const float *a = xf + (size_t)i * K + pc;
-                            if (mr < MR) {
+                            if (mr < MR) { /* the last rows, fewer than 6: the first repeated, computed, not stored */
                                 float rows[MR * KC] __attribute__((aligned(32)));
-                                for (int r = 0; r < MR; r++) memcpy(rows + r * KC, a + (size_t)(r < mr ? r : 0) * K, kc * sizeof(float));
+                                for (int r = 0; r < MR; r++)
+                                    memcpy(rows + r * KC, a + (size_t)(r < mr ? r : 0) * K, kc * sizeof(float));
                                 micro(kc, rows, KC, panel + (size_t)j * kc, tile);
                             } else {
                                 micro(kc, a, K, panel + (size_t)j * kc, tile);
