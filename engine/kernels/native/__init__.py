@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("decode_kernels.c", "gemm.c")]
-HEADERS = [Path(__file__).with_name("simd.h")]
+HEADERS = [Path(__file__).with_name("common.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 _lock = threading.Lock()

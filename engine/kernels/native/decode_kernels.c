@@ -17,7 +17,7 @@
 #include <math.h>
 #include <omp.h>
 
-#include "simd.h"
+#include "common.h"
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -172,7 +172,6 @@ static void rows_int8(const int8_t *W, const float *scale, const int8_t *xq, con
  * adds pairs of products in 16 bits and 2 · 254 · 63 fits, so the activation is quantized to [-63, 63] per block
  * of 64 (the kernel's own error is then ~1.4 % of a product, NF4's ~9 %), its even and odd elements stored apart
  * so that they line up with the high and low nibbles. */
-#define NF4BLOCK 64
 #define NF4QMAX 63
 
 /* Eight int32 partial sums of one row's 64-element block against the split activation block: the products with
@@ -220,7 +219,6 @@ static void rows_nf4(const uint8_t *W, const float *absmax, const int8_t *levels
  * preparing (converting, quantizing) the vector once and waking the threads once. With `swiglu` the two
  * products g = gate·x and u = up·x leave as silu(g)·u, rounded where PyTorch rounds (g, u, silu(g) and the
  * product each to the output dtype). */
-enum { KIND_BF16 = 0, KIND_INT8 = 1, KIND_NF4 = 2 };
 
 /* Thread t's share of n rows: contiguous, starting on a multiple of 8 (the silu below runs 8 at a time). The
  * same n gives the same share, so a thread reads back exactly the gate rows it wrote. */

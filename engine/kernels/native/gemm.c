@@ -19,18 +19,16 @@
 #include <string.h>
 #include <omp.h>
 
-#include "simd.h"
+#include "common.h"
 
 #define MR 6    /* rows of x per micro-kernel */
 #define NR 16   /* weight rows (output columns) per micro-kernel: two registers of fp32 */
 /* Block sizes measured on the 2-core Zen 3 machine (32 KB L1, 512 KB L2 per core), 2026-12-06, over the 1.3B's three
- * matrix shapes at 600 rows: KC 512 / MC 48 ran at 164–172 GFLOP/s on two threads, KC 256 / MC 96 at 161. */
+ * matrix shapes at 600 rows, GFLOP/s on two threads / one: KC 512 / MC 48 164 / 86, KC 384 / MC 72 165 / 84,
+ * KC 256 / MC 96 161 / 78 (MKL's bf16 GEMM 148 / 70); the largest KC halves the passes over the partial sums. */
 #define KC 512  /* depth of one pass: a packed panel of NR rows is 32 KB, the L1 cache */
 #define MC 48   /* rows of x per block: 96 KB of fp32 x, read from L2 against each panel */
 #define NC 512  /* weight rows packed per pass: 1 MB of fp32 panels */
-#define NF4BLOCK 64
-
-enum { KIND_BF16 = 0, KIND_INT8 = 1, KIND_NF4 = 2 };
 
 typedef struct {
     int kind, K;

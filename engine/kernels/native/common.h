@@ -1,10 +1,16 @@
-/* bf16 <-> fp32 conversions shared by the native kernels (decode_kernels.c, gemm.c). */
-#ifndef DSVL_SIMD_H
-#define DSVL_SIMD_H
+/* What the native kernels (decode_kernels.c, gemm.c) share: the weight formats and bf16 <-> fp32 conversions. */
+#ifndef DSVL_COMMON_H
+#define DSVL_COMMON_H
 
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+
+/* The weight formats (native/__init__.py's BF16, INT8, NF4): bf16 [N, K]; int8 [N, K] with one fp32 scale per row;
+ * bitsandbytes' NF4, two 4-bit codes per byte (the first element in the high nibble) with one fp32 absmax per
+ * NF4BLOCK consecutive elements. */
+enum { KIND_BF16 = 0, KIND_INT8 = 1, KIND_NF4 = 2 };
+#define NF4BLOCK 64
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
