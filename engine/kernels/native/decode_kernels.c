@@ -66,18 +66,22 @@ static inline __m256 exp8_nonpositive(__m256 x) {
 }
 
 /* ------------------------------------------------------------------ bf16 weights */
-/* One row's dot product, for the tail rows of a range. */
-static float dot_bf16_row(const uint16_t *w, const float *x, int K) {
-    __m256 a = _mm256_setzero_ps();
-    int k = 0;
-    for (; k + 8 <= K; k += 8)
-        a = _mm256_fmadd_ps(bf16x8_to_f32(_mm_loadu_si128((const __m128i *)(w + k))), _mm256_loadu_ps(x + k), a);
-    float s = hsum(a);
-    for (; k < K; k++) s += bf16_to_f32(w[k]) * x[k];
-    return s;
+/* A bf16 weight becomes an fp32 by going into the high half of a 32-bit lane: unpacking 16 weights against zero
+ * does that in one in-lane instruction per 8, where zero-extending and shifting takes two (one of them across
+ * lanes). The unpacked order is lanes [0..3, 8..11] then [4..7, 12..15] of each 16, so x is stored in that order. */
+static void interleave_quads(float *x, int K) { /* per 16: swap elements 4..7 with 8..11 */
+    for (int k = 0; k < K; k += 16) {
+        __m128 b = _mm_loadu_ps(x + k + 4), c = _mm_loadu_ps(x + k + 8);
+        _mm_storeu_ps(x + k + 4, c);
+        _mm_storeu_ps(x + k + 8, b);
+    }
 }
 
-/* y[n] = W[n]·x for rows n in [lo, hi) of bf16 W [N, K]; x fp32, 32-byte aligned; K a multiple of 16. */
+static inline __m256 bf16_low8(__m256i w) { return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), w)); }
+static inline __m256 bf16_high8(__m256i w) { return _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), w)); }
+
+/* y[n] = W[n]·x for rows n in [lo, hi) of bf16 W [N, K]; x fp32 in interleave_quads' order, 32-byte aligned; K a
+ * multiple of 16. */
 static void rows_bf16(const uint16_t *W, const float *xf, int K, int lo, int hi, float *y) {
     int n = lo;
     for (; n + 4 <= hi; n += 4) {
@@ -88,24 +92,33 @@ static void rows_bf16(const uint16_t *W, const float *xf, int K, int lo, int hi,
             __m256 x0 = _mm256_load_ps(xf + k), x1 = _mm256_load_ps(xf + k + 8);
             __m256i w;
             w = _mm256_loadu_si256((const __m256i *)(r0 + k));
-            a0 = _mm256_fmadd_ps(bf16x8_to_f32(_mm256_castsi256_si128(w)), x0, a0);
-            c0 = _mm256_fmadd_ps(bf16x8_to_f32(_mm256_extracti128_si256(w, 1)), x1, c0);
+            a0 = _mm256_fmadd_ps(bf16_low8(w), x0, a0);
+            c0 = _mm256_fmadd_ps(bf16_high8(w), x1, c0);
             w = _mm256_loadu_si256((const __m256i *)(r1 + k));
-            a1 = _mm256_fmadd_ps(bf16x8_to_f32(_mm256_castsi256_si128(w)), x0, a1);
-            c1 = _mm256_fmadd_ps(bf16x8_to_f32(_mm256_extracti128_si256(w, 1)), x1, c1);
+            a1 = _mm256_fmadd_ps(bf16_low8(w), x0, a1);
+            c1 = _mm256_fmadd_ps(bf16_high8(w), x1, c1);
             w = _mm256_loadu_si256((const __m256i *)(r2 + k));
-            a2 = _mm256_fmadd_ps(bf16x8_to_f32(_mm256_castsi256_si128(w)), x0, a2);
-            c2 = _mm256_fmadd_ps(bf16x8_to_f32(_mm256_extracti128_si256(w, 1)), x1, c2);
+            a2 = _mm256_fmadd_ps(bf16_low8(w), x0, a2);
+            c2 = _mm256_fmadd_ps(bf16_high8(w), x1, c2);
             w = _mm256_loadu_si256((const __m256i *)(r3 + k));
-            a3 = _mm256_fmadd_ps(bf16x8_to_f32(_mm256_castsi256_si128(w)), x0, a3);
-            c3 = _mm256_fmadd_ps(bf16x8_to_f32(_mm256_extracti128_si256(w, 1)), x1, c3);
+            a3 = _mm256_fmadd_ps(bf16_low8(w), x0, a3);
+            c3 = _mm256_fmadd_ps(bf16_high8(w), x1, c3);
         }
         y[n] = hsum(_mm256_add_ps(a0, c0));
         y[n + 1] = hsum(_mm256_add_ps(a1, c1));
         y[n + 2] = hsum(_mm256_add_ps(a2, c2));
         y[n + 3] = hsum(_mm256_add_ps(a3, c3));
     }
-    for (; n < hi; n++) y[n] = dot_bf16_row(W + (size_t)n * K, xf, K);
+    for (; n < hi; n++) {
+        const uint16_t *r = W + (size_t)n * K;
+        __m256 a = _mm256_setzero_ps(), c = a;
+        for (int k = 0; k < K; k += 16) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(r + k));
+            a = _mm256_fmadd_ps(bf16_low8(w), _mm256_load_ps(xf + k), a);
+            c = _mm256_fmadd_ps(bf16_high8(w), _mm256_load_ps(xf + k + 8), c);
+        }
+        y[n] = hsum(_mm256_add_ps(a, c));
+    }
 }
 
 /* ------------------------------------------------------------------ int8 weights, one scale per row */
@@ -261,6 +274,7 @@ int dsvl_gemv(int kind, int count, const void *const *W, const float *const *sca
     float *f = malloc((size_t)(total + 1) * sizeof(float)); /* every product in fp32, one after another */
     if (!xf || !xq || !xs || !correction || !f) { free(xf); free(xq); free(xs); free(correction); free(f); return -1; }
     load_vector(x, x_bf16, xf, K);
+    if (kind == KIND_BF16) interleave_quads(xf, K);
     if (kind == KIND_INT8) quantize_blocks(xf, xq, xs, K, QBLOCK, 0, 127);
     if (kind == KIND_NF4) {
         memset(correction, 0, (size_t)(K / NF4BLOCK) * 32);
