@@ -31,7 +31,7 @@ def test_kernels_build_and_load_here():
     # This machine has x86-64 + AVX2 + a C compiler: the fast path must be the one the tests exercise.
     assert native.kernels() is not None, native.status()
     assert native.status() == "loaded"
-    assert any(native.cache_dir().glob("decode_kernels-*.so"))
+    assert any(native.cache_dir().glob("dsvl_kernels-*.so"))
 
 
 @needs_kernels

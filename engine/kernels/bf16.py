@@ -3,8 +3,8 @@ matrix-matrix products.
 
 Measured on the 2-core AVX2 machine (2026-12-06): a [650 × 2048] · [2048 × 5632] product runs at ~21 GFLOP/s in
 bf16 and ~153 GFLOP/s in fp32 (MKL's sgemm), so prefill and image encoding multiply in fp32, converting the weights
-while packing them so that no fp32 copy is written and read: the native GEMM (`native/gemm.c`, 164–172 GFLOP/s on
-the 1.3B's shapes) where it builds; else MKL's own bf16 × bf16 → fp32 GEMM where PyTorch carries MKL (its x86 wheels
+while packing them so that no fp32 copy is written and read: the native GEMM (`native/gemm.c`, ~165 GFLOP/s on
+the 1.3B's shapes against MKL's ~150) where it builds; else MKL's own bf16 × bf16 → fp32 GEMM where PyTorch carries MKL (its x86 wheels
 do; bitwise the products of converting first, 4–8% faster than that: 139 vs 134 GFLOP/s for [600 × 2048] ·
 [2048 × 2048], 153 vs 142 for 5632 rows); else the weights are converted per call, into a buffer reused from call
 to call when no gradient is wanted (`scratch.py`). Memory stays bf16 either way.
@@ -86,7 +86,7 @@ class UpcastLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
             if (y := native.gemm(x, self.gemv_weight(), self.bias)) is not None:
-                return y  # inference: the native GEMM converts while packing, at ~85 % of the FMA peak
+                return y  # inference: the native GEMM converts while packing, at ~90 % of the FMA peak
             if (y := mkl_linear(x, self.weight, self.bias)) is not None:
                 return y  # inference where PyTorch carries MKL: converted while packing
             if (y := scratch.linear(x, self.out_features, lambda w: w.copy_(self.weight), self.bias)) is not None:

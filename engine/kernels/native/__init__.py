@@ -63,7 +63,7 @@ def _build(compiler: str) -> Path:
     """The shared library of the sources, compiled once per source text."""
     text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(text + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"decode_kernels-{key}.so"
+    target = cache_dir() / f"dsvl_kernels-{key}.so"  # the decode kernels and the GEMM
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
