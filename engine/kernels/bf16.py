@@ -4,10 +4,10 @@ matrix-matrix products.
 Measured on the 2-core AVX2 machine (2026-12-06): a [650 × 2048] · [2048 × 5632] product runs at ~21 GFLOP/s in
 bf16 and ~153 GFLOP/s in fp32 (MKL's sgemm), so prefill and image encoding multiply in fp32, converting the weights
 while packing them so that no fp32 copy is written and read: the native GEMM (`native/gemm.c`, ~165 GFLOP/s on
-the 1.3B's shapes against MKL's ~150) where it builds; else MKL's own bf16 × bf16 → fp32 GEMM where PyTorch carries MKL (its x86 wheels
-do; bitwise the products of converting first, 4–8% faster than that: 139 vs 134 GFLOP/s for [600 × 2048] ·
-[2048 × 2048], 153 vs 142 for 5632 rows); else the weights are converted per call, into a buffer reused from call
-to call when no gradient is wanted (`scratch.py`). Memory stays bf16 either way.
+the 1.3B's shapes against MKL's ~150) where it builds; else MKL's own bf16 × bf16 → fp32 GEMM where PyTorch
+carries MKL (its x86 wheels do; bitwise the products of converting first, 4–8% faster than that: 139 vs 134
+GFLOP/s for [600 × 2048] · [2048 × 2048], 153 vs 142 for 5632 rows); else the weights are converted per call, into
+a buffer reused from call to call when no gradient is wanted (`scratch.py`). Memory stays bf16 either way.
 A one-row product (decoding) is memory-bound: it stays in bf16, which halves the bytes read per token, and
 runs in the native matrix-vector kernel (`native/`) where it is available (it streams the weights ~10% faster
 than PyTorch's bf16 GEMV here).

@@ -77,8 +77,13 @@ static void interleave_quads(float *x, int K) { /* per 16: swap elements 4..7 wi
     }
 }
 
-static inline __m256 bf16_low8(__m256i w) { return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), w)); }
-static inline __m256 bf16_high8(__m256i w) { return _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), w)); }
+static inline __m256 bf16_low8(__m256i w) {
+    return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), w));
+}
+
+static inline __m256 bf16_high8(__m256i w) {
+    return _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), w));
+}
 
 /* y[n] = W[n]·x for rows n in [lo, hi) of bf16 W [N, K]; x fp32 in interleave_quads' order, 32-byte aligned; K a
  * multiple of 16. */
