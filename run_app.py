@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -200,6 +201,16 @@ def make_accounts(args: argparse.Namespace):
     return (Accounts(pairs) if pairs else None), generated
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (the way gradio tries it), or None if it can."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["hotkey"]:
@@ -213,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         accounts, generated_password = make_accounts(args)
     except AccountsError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    # Checked before anything loads: a second start would otherwise load the model and end in gradio's traceback.
+    reason = port_taken(args.host, args.port)
+    if reason:
+        print(f"error: cannot listen on {args.host}:{args.port} ({reason}). If the app is already running, use "
+              f"the address it printed; to run another copy, pick a free port: --port {args.port + 1}",
+              file=sys.stderr)
         return 2
 
     from app.models import ModelManager

@@ -148,3 +148,17 @@ def test_main_builds_the_service_and_launches_the_ui(tmp_path, monkeypatch, caps
     assert os.environ["GRADIO_TEMP_DIR"] == str(tmp_path / "tmp" / store.instance_id / "gradio")
     assert list((tmp_path / "tmp").iterdir()) == []
     store.close()
+
+
+def test_a_port_in_use_is_a_clear_error_before_anything_loads(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as other:  # another program (or the app itself, started before) holds the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert run_app.main(["--data-dir", str(tmp_path), "--port", str(port), "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and f"--port {port + 1}" in err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []  # no store opened, no model loading
+    assert run_app.port_taken("127.0.0.1", port) is None  # free again once the other closed it
