@@ -6,6 +6,11 @@ llama-quantize (Q8_0, Q4_0, Q4_K_M) and timed with llama-bench; the same weights
 (bf16, --load-8bit's int8, --load-4bit's NF4, --quant-backend int4) and transformers (bf16).
 
     .venv/bin/python benchmarks/bench_llamacpp.py [--context 600] [--gen 64] [--threads 2] [--reps 2] [--smoke]
+        [--rounds N] [--kinds BF16,Q8_0]
+
+--rounds N measures every row N times, llama.cpp and ours back to back within a row (alternating which goes
+first), and reports medians, of the per-round ratios too: on a shared machine whose speed swings by a third within
+minutes, a ratio taken between measurements minutes apart is mostly the swing. --kinds picks rows by llama.cpp type.
 
 What is measured, per row:
 - prefill: tokens/s of one --context-token prompt through the LM from an empty cache. llama.cpp:
@@ -197,6 +202,55 @@ def decode_tok_s(decoders: dict[str, Decoder], args) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ driver
+def measure_row(precision, kind, ours_row, with_hf, llama_first, args, files, have_llama, ours_models, caches,
+                hf, hf_cache) -> dict:
+    """One round of one row: llama.cpp's prefill and decode, ours (and transformers') prefill and decode."""
+    r = {"precision": precision, "kind": kind, "ours": ours_row[0] if ours_row else "-"}
+
+    def llama():
+        if not have_llama:
+            r["lc_prefill"] = r["lc_decode"] = NOT_BUILT
+        elif files.get(kind) is None:
+            r["lc_prefill"] = r["lc_decode"] = "failed (see above)"
+        else:
+            pp = llama_bench(args.llama_cpp, files[kind], args, args.context, 0, 0)
+            tg = llama_bench(args.llama_cpp, files[kind], args, 0, args.gen, args.context)
+            r["lc_prefill"] = pp["avg_ts"] if pp else "failed (see above)"
+            r["lc_decode"] = tg["avg_ts"] if tg else "failed (see above)"
+            r["lc_info"] = pp or tg
+
+    def engines():
+        decoders = {}
+        if ours_row:
+            model = ours_models[ours_row[1]]
+            r["ours_prefill"] = prefill_tok_s(prefill_ours, model, args)
+            decoders["ours"] = Decoder(model, caches[ours_row[1]])
+        if with_hf and not args.skip_hf:
+            r["hf_prefill"] = prefill_tok_s(prefill_hf, hf, args)
+            decoders["hf"] = Decoder(hf, hf_cache)
+        speeds = decode_tok_s(decoders, args)
+        r["ours_decode"], r["hf_decode"] = speeds.get("ours"), speeds.get("hf")
+
+    for part in (llama, engines) if llama_first else (engines, llama):
+        part()
+    return r
+
+
+def combine(rounds: list[dict]) -> dict:
+    """A row's rounds as one: the median of each speed, the median (and range) of the per-round ratios."""
+    r = {k: rounds[0][k] for k in ("precision", "kind", "ours")}
+    r["lc_info"] = next((x["lc_info"] for x in rounds if x.get("lc_info")), None)
+    for key in ("lc_prefill", "lc_decode", "ours_prefill", "ours_decode", "hf_prefill", "hf_decode"):
+        values = [x.get(key) for x in rounds]
+        numbers = [v for v in values if isinstance(v, float)]
+        r[key] = statistics.median(numbers) if numbers and len(numbers) == len(values) else values[0]
+    for phase in ("prefill", "decode"):
+        ratios = [x[f"ours_{phase}"] / x[f"lc_{phase}"] for x in rounds
+                  if isinstance(x.get(f"ours_{phase}"), float) and isinstance(x.get(f"lc_{phase}"), float)]
+        r[f"{phase}_ratio"] = ratios
+    return r
+
+
 def size(path: Path) -> str:
     return f"{path.stat().st_size / 2**20:.1f} MiB"
 
@@ -205,8 +259,12 @@ def fmt(value, digits: int = 1) -> str:
     return value if isinstance(value, str) else "-" if value is None else f"{value:.{digits}f}"
 
 
-def ratio(ours, theirs) -> str:
-    return f"{ours / theirs:.2f}" if isinstance(ours, float) and isinstance(theirs, float) else "-"
+def ratio(ratios: list[float]) -> str:
+    """The median per-round ratio, with its range when there were several rounds."""
+    if not ratios:
+        return "-"
+    spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+    return f"{statistics.median(ratios):.2f}{spread}"
 
 
 def main():
@@ -216,6 +274,9 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="timed decode steps of ours and transformers")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=2, help="prefill repetitions (llama-bench -r)")
+    ap.add_argument("--rounds", type=int, default=1, help="times every row is measured; medians are reported")
+    ap.add_argument("--kinds", type=lambda v: v.split(","), default=None,
+                    help="only these llama.cpp rows, e.g. BF16,Q8_0 (default: all)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="llama-bench -t and torch threads")
     ap.add_argument("--llama-cpp", type=Path, default=Path(os.environ.get("LLAMACPP_BIN", LLAMA_CPP_BIN)),
                     help="folder with llama-bench and llama-quantize")
@@ -245,6 +306,8 @@ def main():
         if args.gguf_only:
             return
         for kind in QUANT_TYPES:
+            if args.kinds and kind not in args.kinds:
+                continue
             t = time.perf_counter()
             files[kind] = quantize(args.llama_cpp, files["BF16"], kind, args.threads)
             if files[kind]:
@@ -266,31 +329,18 @@ def main():
             ("8-bit", "Q8_0", ("int8 (--load-8bit)", "int8"), False),
             ("4-bit", "Q4_0", ("nf4 (--load-4bit)", "nf4"), False),
             ("4-bit", "Q4_K_M", ("int4 (--quant-backend int4)", "int4"), False)]
-    table = []
-    for precision, kind, ours_row, with_hf in rows:
-        print(f"== {precision}: llama.cpp {kind}, ours {ours_row[0] if ours_row else '-'}", flush=True)
-        r = {"precision": precision, "kind": kind, "ours": ours_row[0] if ours_row else "-"}
-        if not have_llama:
-            r["lc_prefill"] = r["lc_decode"] = NOT_BUILT
-        elif files.get(kind) is None:
-            r["lc_prefill"] = r["lc_decode"] = "failed (see above)"
-        else:
-            pp = llama_bench(args.llama_cpp, files[kind], args, args.context, 0, 0)
-            tg = llama_bench(args.llama_cpp, files[kind], args, 0, args.gen, args.context)
-            r["lc_prefill"] = pp["avg_ts"] if pp else "failed (see above)"
-            r["lc_decode"] = tg["avg_ts"] if tg else "failed (see above)"
-            r["lc_info"] = pp or tg
-        decoders = {}
-        if ours_row:
-            model = ours_models[ours_row[1]]
-            r["ours_prefill"] = prefill_tok_s(prefill_ours, model, args)
-            decoders["ours"] = Decoder(model, caches[ours_row[1]])
-        if with_hf and not args.skip_hf:
-            r["hf_prefill"] = prefill_tok_s(prefill_hf, hf, args)
-            decoders["hf"] = Decoder(hf, hf_cache)
-        speeds = decode_tok_s(decoders, args)
-        r["ours_decode"], r["hf_decode"] = speeds.get("ours"), speeds.get("hf")
-        table.append(r)
+    rows = [row for row in rows if not args.kinds or row[1] in args.kinds]
+    # Each round times every row, llama.cpp and ours back to back (which goes first alternates), so a ratio is
+    # taken between measurements seconds apart; the table gives medians over rounds, of the ratios too.
+    rounds = []
+    for n in range(args.rounds):
+        for precision, kind, ours_row, with_hf in rows:
+            print(f"== round {n + 1}/{args.rounds}, {precision}: llama.cpp {kind}, "
+                  f"ours {ours_row[0] if ours_row else '-'}", flush=True)
+            rounds.append(measure_row(precision, kind, ours_row, with_hf, llama_first=n % 2 == 0, args=args,
+                                      files=files, have_llama=have_llama, ours_models=ours_models, caches=caches,
+                                      hf=hf, hf_cache=hf_cache))
+    table = [combine([r for r in rounds if r["kind"] == row[1]]) for row in rows]
 
     if not args.keep_gguf:
         for path in files.values():
@@ -312,8 +362,11 @@ def main():
           f"({torch.get_num_threads()} threads), native kernels: {kernels}; {started:%Y-%m-%d %H:%M}; "
           f"1-min load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end")
     print(llama)
+    rounds = (f", medians over {args.rounds} rounds (each row: llama.cpp and ours back to back; ratio's range in "
+              f"brackets)" if args.rounds > 1 else "")
     print(f"prefill: a {args.context}-token prompt; decode: one-token steps after {args.context} tokens "
-          f"(ours/transformers: median of {args.steps} after {args.warmup} warm-up); tokens/s; ratios ours/llama.cpp\n")
+          f"(ours/transformers: median of {args.steps} after {args.warmup} warm-up); tokens/s; ratios ours/llama.cpp"
+          f"{rounds}\n")
     print("| precision | llama.cpp | ours | llama.cpp prefill tok/s | ours prefill tok/s | transformers prefill tok/s "
           "| llama.cpp decode tok/s | ours decode tok/s | transformers decode tok/s | prefill ours/llama.cpp "
           "| decode ours/llama.cpp |")
@@ -321,8 +374,7 @@ def main():
     for r in table:
         print(f"| {r['precision']} | {r['kind']} | {r['ours']} | {fmt(r['lc_prefill'])} | {fmt(r.get('ours_prefill'))} "
               f"| {fmt(r.get('hf_prefill'))} | {fmt(r['lc_decode'], 2)} | {fmt(r.get('ours_decode'), 2)} "
-              f"| {fmt(r.get('hf_decode'), 2)} | {ratio(r.get('ours_prefill'), r['lc_prefill'])} "
-              f"| {ratio(r.get('ours_decode'), r['lc_decode'])} |")
+              f"| {fmt(r.get('hf_decode'), 2)} | {ratio(r['prefill_ratio'])} | {ratio(r['decode_ratio'])} |")
 
 
 if __name__ == "__main__":
