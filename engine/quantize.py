@@ -46,6 +46,11 @@ def _quantized_linear(linear: nn.Linear, mode: str, compute_dtype: torch.dtype, 
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True, device="meta")
         q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
+        # On a CPU with AVX512_BF16 bitsandbytes repacks the weight for its own kernel at the first product; in
+        # 0.50.2 that fails (an assert, or a reshape of the nested absmax, which is padded to 256 blocks) unless
+        # out_features is a multiple of 32 and the blocks of 64 a multiple of 256. Such layers keep its generic path.
+        if linear.out_features % 32 or (linear.out_features * linear.in_features // 64) % 256:
+            q.support_avx512bf16_for_cpu = False
     else:
         q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                 has_fp16_weights=False, threshold=6.0, device="meta")

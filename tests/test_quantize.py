@@ -42,9 +42,21 @@ def test_quantized_load(full, mode, backend, linear_type, similarity):
     assert quant.quant_backend == backend and quant.describe()["quant_backend"] == backend
     # bitsandbytes on a CPU is slow: the runtime says so (the app's banner and the CLI show it).
     assert (quant.advice() is not None) == (backend == "bitsandbytes")
-    if backend == "nf4":  # the same NF4 numbers bitsandbytes computes with
+    if backend == "nf4":  # the same NF4 numbers bitsandbytes computes with, layer by layer
+        import bitsandbytes.functional as bnbf
+
         ref = Runtime.load(TALKATIVE, dtype="bf16", quantization=mode, quant_backend="bitsandbytes")
-        assert torch.nn.functional.cosine_similarity(_logits(ref).flatten(), _logits(quant).flatten(), 0) > 0.999
+        pairs = [(a, b) for a, b in zip(ref.model.language_model.model.layers.modules(),
+                                        quant.model.language_model.model.layers.modules())
+                 if type(b).__name__ == "NF4Linear"]
+        # Layers whose rows are whole blocks of 64: bitsandbytes 0.50.2's CPU dequantization, on an AVX512_BF16
+        # CPU, misplaces the blocks of a row that starts mid-block (down_proj's 352 here: cosine 0.973 to the
+        # original weights, where ours keep NF4's 0.996).
+        checked = [(a, b) for a, b in pairs if b.in_features % 64 == 0]
+        assert len(checked) >= 6 * len(quant.model.language_model.model.layers)
+        for a, b in checked:
+            theirs = bnbf.dequantize_4bit(a.weight.data, a.weight.quant_state).float()
+            assert torch.allclose(theirs, b.dequantized(torch.float32), rtol=2**-7, atol=1e-6)
     layers = quant.model.language_model.model.layers
     quantized = [m for m in layers.modules() if type(m).__name__ == linear_type]
     assert len(quantized) == 7 * len(layers)  # q, k, v, o, gate, up, down
