@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.kernels.bf16 import native_bf16, upcast_matmuls  # noqa: E402
+from engine.kernels.bf16 import prepare_cpu_bf16  # noqa: E402
 from engine.demo import DEMO_DIR  # noqa: E402
 from engine.tiny import TINY_CONFIG  # noqa: E402
 from engine.layouts import to_community  # noqa: E402
@@ -87,8 +87,8 @@ def bench_ours(args, config, dtype, device) -> dict:
     if args.quantize:  # as Runtime.load does: int8 / NF4 kernels on the CPU, bitsandbytes on a GPU
         backend = quantize_language_model(model, args.quantize, dtype, device)
         model.to(device)
-    if device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16():
-        upcast_matmuls(model)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        prepare_cpu_bf16(model)  # as Runtime.load does
     lm = model.language_model
     impl = f"ours, {args.quantize} ({backend})" if args.quantize else "ours"
     result = {"impl": impl, "weights_gib": model_bytes(model) / 2**30}

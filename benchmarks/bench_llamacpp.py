@@ -59,7 +59,7 @@ from benchmarks.bench_decode import (CONFIG, Decoder, build, cpu_name, filled_ca
                                      prefill as prefill_ours, quantized_decoder, round_robin, sharing)
 from benchmarks.bench_engine import median_time  # noqa: E402
 from engine.kernels import native  # noqa: E402
-from engine.kernels.bf16 import native_bf16, upcast_matmuls  # noqa: E402
+from engine.kernels.bf16 import prepare_cpu_bf16  # noqa: E402
 from engine.kernels.quant import Int4Linear, Int8Linear, NF4Linear  # noqa: E402
 
 CACHE = REPO / ".bench-cache"
@@ -313,11 +313,10 @@ def main():
             if files[kind]:
                 print(f"quantized {files[kind]} ({size(files[kind])}, {time.perf_counter() - t:.0f} s)", flush=True)
 
-    # Our models, as Runtime sets them up on this CPU: bf16 matrix-matrix products upcast to fp32 where the
-    # CPU has no bf16 arithmetic; the quantized ones as --load-8bit / --load-4bit / --quant-backend int4 give.
+    # Our models, as Runtime sets them up on this CPU: bf16 as prepare_cpu_bf16 does for the CPU's instructions;
+    # the quantized ones as --load-8bit / --load-4bit / --quant-backend int4 give.
     bf16 = sharing(ours)
-    if not native_bf16():
-        upcast_matmuls(bf16)
+    prepare_cpu_bf16(bf16)
     ours_models = {"bf16": bf16, "int8": quantized_decoder(sharing(ours), Int8Linear),
                    "nf4": quantized_decoder(sharing(ours), NF4Linear),
                    "int4": quantized_decoder(sharing(ours), Int4Linear)}
@@ -337,9 +336,11 @@ def main():
         for precision, kind, ours_row, with_hf in rows:
             print(f"== round {n + 1}/{args.rounds}, {precision}: llama.cpp {kind}, "
                   f"ours {ours_row[0] if ours_row else '-'}", flush=True)
-            rounds.append(measure_row(precision, kind, ours_row, with_hf, llama_first=n % 2 == 0, args=args,
-                                      files=files, have_llama=have_llama, ours_models=ours_models, caches=caches,
-                                      hf=hf, hf_cache=hf_cache))
+            r = measure_row(precision, kind, ours_row, with_hf, llama_first=n % 2 == 0, args=args, files=files,
+                            have_llama=have_llama, ours_models=ours_models, caches=caches, hf=hf, hf_cache=hf_cache)
+            print("   " + ", ".join(f"{k} {fmt(r.get(k), 2)}" for k in ("lc_prefill", "ours_prefill", "lc_decode",
+                                                                        "ours_decode")), flush=True)
+            rounds.append(r)
     table = [combine([r for r in rounds if r["kind"] == row[1]]) for row in rows]
 
     if not args.keep_gguf:

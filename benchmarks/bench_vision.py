@@ -56,7 +56,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.kernels.bf16 import native_bf16, upcast_matmuls  # noqa: E402
+from engine.kernels.bf16 import native_bf16, prepare_cpu_bf16  # noqa: E402
 from engine.layouts import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, community_pieces  # noqa: E402
 from engine.loading import fill_random  # noqa: E402
 from engine.model.config import SAMConfig, SigLIPConfig, VisionConfig, deepseek_vl_1_3b, deepseek_vl_7b  # noqa: E402
@@ -195,10 +195,10 @@ def build_pair(name: str, cfg: VisionConfig, dtypes: list[str], device: torch.de
     for dname in dtypes:
         dtype = DTYPES[dname]
         variants = {"ours": copy.deepcopy(base).to(device, dtype)}
-        if dtype == torch.bfloat16 and device.type == "cpu" and not native_bf16():
-            if plain_bf16:
+        if dtype == torch.bfloat16 and device.type == "cpu":
+            if plain_bf16 and not native_bf16():
                 variants["ours, plain bf16"] = copy.deepcopy(variants["ours"])
-            upcast_matmuls(variants["ours"])  # as Runtime.load does
+            prepare_cpu_bf16(variants["ours"])  # as Runtime.load does
         hf = hf_tower(cfg, state, dtype).to(device)
         pair.hf_attention = hf.config._attn_implementation
         for impl, ours in variants.items():

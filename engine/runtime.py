@@ -10,7 +10,7 @@ import torch
 
 from . import kernels
 from .kernels import native
-from .kernels.bf16 import native_bf16, upcast_matmuls
+from .kernels.bf16 import prepare_cpu_bf16
 from .loading import LoadError, Progress, load_model
 from .model.config import VLConfig
 from .model.vlm import DeepSeekVL
@@ -140,8 +140,8 @@ class Runtime:
         model = loaded.model
         if quantization:
             model.to(dev)
-        if dev.type == "cpu" and dt == torch.bfloat16 and not native_bf16():
-            upcast_matmuls(model)
+        if dev.type == "cpu" and dt == torch.bfloat16:
+            prepare_cpu_bf16(model)
         if dev.type == "cpu":
             native.kernels()  # compile the decode kernels now (about a second, once), not at the first token
         processor = VLChatProcessor.from_pretrained(directory, num_image_tokens=config.num_image_tokens)

@@ -587,7 +587,7 @@ def test_backends_name_the_native_kernels_where_they_run():
 
 def test_backends_without_native_kernels_say_why(native_off):
     from engine import kernels
-    from engine.kernels.bf16 import mkl_bf16
+    from engine.kernels.bf16 import mkl_bf16, native_bf16
     from engine.quantize import pick_backend
 
     assert native.kernels() is None and native.status() == "disabled by DSVL_NATIVE=0"
@@ -598,8 +598,10 @@ def test_backends_without_native_kernels_say_why(native_off):
     assert rows["rmsnorm (decode)"] == rows["rotary (decode)"] == "PyTorch (DSVL_NATIVE=0)"
     assert rows["decoder layer (decode)"] == "op by op (DSVL_NATIVE=0)"
     assert rows["4-bit matmul (prefill)"] == "PyTorch int4, groups of 64"
+    # A CPU with bf16 instructions needs no native kernel for prefill: PyTorch's bf16 GEMM uses them.
     assert kernels.backends("cpu", torch.bfloat16)["bf16 matmul (prefill)"] == (
-        f"{'MKL bf16 GEMM, fp32 math' if mkl_bf16() else 'fp32 upcast'} (DSVL_NATIVE=0)")
+        "PyTorch bf16 (the CPU has bf16 instructions)" if native_bf16()
+        else f"{'MKL bf16 GEMM, fp32 math' if mkl_bf16() else 'fp32 upcast'} (DSVL_NATIVE=0)")
     rows = kernels.backends("cpu", torch.bfloat16, "8bit", "int8")
     assert rows["int8 matmul (prefill)"] == "fp32, dequantized per call (DSVL_NATIVE=0)"
     assert kernels.summary("cpu", torch.bfloat16, "8bit", "int8") == "PyTorch int8 (DSVL_NATIVE=0)"

@@ -1,9 +1,12 @@
-"""bf16 on CPUs without bf16 arithmetic: fp32 math for matrix-matrix products, same parameters."""
+"""bf16 on a CPU: without bf16 arithmetic, fp32 math for matrix-matrix products; with it, PyTorch's bf16 for those;
+one-row products by the native GEMV either way; same parameters."""
 
+import pytest
 import torch
 from torch import nn
 
-from engine.kernels.bf16 import UpcastConv2d, UpcastLinear, upcast_matmuls
+from engine.kernels import bf16 as bf16_kernels
+from engine.kernels.bf16 import NativeBf16Linear, UpcastConv2d, UpcastLinear, prepare_cpu_bf16, upcast_matmuls
 from conftest import TALKATIVE
 from engine.loading import load_model
 
@@ -53,13 +56,40 @@ def test_one_row_products_keep_their_gradient():
     assert linear.weight.grad is not None
 
 
-def test_runtime_applies_it_for_cpu_bf16(monkeypatch):
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_runtime_applies_it_for_cpu_bf16(monkeypatch, has_bf16):
     import engine.runtime as runtime
 
-    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
+    monkeypatch.setattr(bf16_kernels, "native_bf16", lambda: has_bf16)
     loaded = runtime.Runtime.load(TALKATIVE, dtype="bf16")
-    assert isinstance(loaded.model.aligner.layers[0], UpcastLinear)
+    assert type(loaded.model.aligner.layers[0]) is (NativeBf16Linear if has_bf16 else UpcastLinear)
+    conv = type(loaded.model.vision_model.vision_tower.patch_embed.proj)
+    assert conv is (nn.Conv2d if has_bf16 else UpcastConv2d)
     assert type(runtime.Runtime.load(TALKATIVE).model.aligner.layers[0]) is nn.Linear  # fp32: untouched
+
+
+def test_with_bf16_instructions_only_one_row_products_change(monkeypatch):
+    # Several rows: PyTorch's bf16 GEMM (it uses the CPU's bf16 instructions), bitwise as before; one row: the
+    # native GEMV, which reads bf16 weights faster than PyTorch's on such a CPU too.
+    from engine.kernels import native
+
+    monkeypatch.setattr(bf16_kernels, "native_bf16", lambda: True)
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(96, 40).to(torch.bfloat16)
+    plain = nn.Linear(96, 40).to(torch.bfloat16)
+    plain.load_state_dict(linear.state_dict())
+    assert prepare_cpu_bf16(linear) == 1 and type(linear) is NativeBf16Linear
+    rows, row = torch.randn(2, 17, 96, generator=g).bfloat16(), torch.randn(1, 96, generator=g).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(linear(rows), plain(rows))
+        y = linear(row)
+        if native.kernels() is not None:
+            w = native.Weight(native.BF16, linear.weight, 40, 96)
+            assert torch.equal(y, native.gemv(row, [w])[0] + linear.bias)
+        expected = nn.functional.linear(row.float(), linear.weight.float(), linear.bias.float())
+        assert y.dtype == torch.bfloat16 and ((y.float() - expected).abs() <= 2**-7 * expected.abs() + 1e-3).all()
+    linear(row).float().sum().backward()  # training: PyTorch's ops, with their gradient
+    assert linear.weight.grad is not None
 
 
 def test_mkl_bf16_gemm_gives_the_upcast_product_bitwise(monkeypatch):
