@@ -202,8 +202,10 @@ def make_accounts(args: argparse.Namespace):
 
 
 def port_taken(host: str, port: int) -> str | None:
-    """Why the server could not listen on host:port (the way gradio tries it), or None if it can."""
+    """Why the server could not listen on host:port, or None if it can. SO_REUSEADDR as the server sets it: a port
+    left in TIME_WAIT by an instance just killed is free to it, one another program listens on is not."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
