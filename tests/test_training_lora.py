@@ -42,7 +42,9 @@ def test_merged_export_computes_what_the_adapted_model_computes(setup, mode):
         exported = load_model(loop.export(model, model_dir, root / f"merged-{mode}")).model
         merged = loop.loss_sum(exported, rows, processor, torch.device("cpu"))
         base = loop.loss_sum(load_model(model_dir).model, rows, processor, torch.device("cpu"))
-    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-4)
+    # rtol 1e-4: on an AVX512_BF16 CPU the adapted QLoRA model multiplies in bitsandbytes' own kernel (2e-5 from
+    # the dense product here); an export that misread that kernel's repacked weights was off by 3.5e-3.
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
     assert abs(float(merged) - float(base)) > 1e-3  # the adapters did change the model
 
 

@@ -11,6 +11,7 @@ gradients are summed across processes, so N processes make the very update one p
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -323,7 +324,13 @@ def _dequantized(linear: torch.nn.Module) -> torch.Tensor:
     if type(weight).__name__ == "Params4bit":
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # On an AVX512_BF16 CPU bitsandbytes repacks the weight for its own kernel at the first product, and
+            # dequantize_4bit reads the standard layout: undo it on copies, as bitsandbytes' own state_dict does,
+            # leaving the live layer as it is (its exports differed by 0.3 % in loss from the model they came from).
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+        return bnbf.dequantize_4bit(data, state)
     return weight.detach()
 
 
