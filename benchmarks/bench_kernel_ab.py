@@ -55,7 +55,8 @@ def models(package, weights: torch.nn.Module) -> dict:
         return lm.eval()
 
     bf16 = twin()
-    package.kernels.bf16.upcast_matmuls(bf16)
+    # As that engine's Runtime sets up bf16 on this CPU (commits before prepare_cpu_bf16 always upcast).
+    getattr(package.kernels.bf16, "prepare_cpu_bf16", package.kernels.bf16.upcast_matmuls)(bf16)
     quant = package.kernels.quant
     return {"bf16": bf16, "--load-8bit": bd.quantized_decoder(twin(), quant.Int8Linear),
             "--load-4bit": bd.quantized_decoder(twin(), quant.NF4Linear)}

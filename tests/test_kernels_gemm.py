@@ -47,7 +47,10 @@ def test_bf16_weights_give_the_fp32_product(M, N, K, dtype):
 
 @pytest.mark.parametrize("M, N, K", [(13, 40, 320), (97, 48, 1088), (600, 64, 640)])
 @pytest.mark.parametrize("quantized", [Int8Linear, NF4Linear])
-def test_quantized_weights_are_dequantized_while_packing(M, N, K, quantized):
+def test_quantized_weights_are_dequantized_while_packing(M, N, K, quantized, monkeypatch):
+    from engine.kernels import quant
+
+    monkeypatch.setattr(quant, "native_bf16", lambda: False)  # NF4 with bf16 instructions: the test below
     torch.manual_seed(M)
     q = quantized(nn.Linear(K, N, bias=False))
     x = torch.randn(M, K).to(torch.bfloat16)
@@ -108,3 +111,25 @@ def test_out_of_range_values_stay_nan_and_inf():
     w[3, 0], w[5, 1] = float("nan"), float("inf")
     y = native.gemm(x, native.Weight(native.BF16, w, 16, 32))
     assert y[:, 3].isnan().all() and y[:, 5].isinf().all() and (y[:, 0] == 32).all()
+
+
+def test_with_bf16_instructions_nf4_uses_pytorchs_bf16_gemm_and_int8_stays(monkeypatch):
+    # On such a CPU PyTorch's bf16 GEMM runs ~1.9x the native fp32 one (quant.py's note): NF4's many rows go there,
+    # the weights rounded to bf16, sums in fp32; int8 keeps the native GEMM's fp32 math.
+    from engine import kernels
+    from engine.kernels import bf16, quant
+
+    monkeypatch.setattr(quant, "native_bf16", lambda: True)
+    monkeypatch.setattr(bf16, "native_bf16", lambda: True)
+    assert kernels.backends("cpu", torch.bfloat16, "4bit", "nf4")["4-bit matmul (prefill)"] == kernels.BF16_GEMM
+    torch.manual_seed(4)
+    x = torch.randn(40, 256).to(torch.bfloat16)
+    nf4 = NF4Linear(nn.Linear(256, 96, bias=False))
+    with torch.no_grad():
+        y, again = nf4(x), nf4(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, again)  # the reused buffers leave nothing behind
+    _close_to_float64(y, x, nf4.dequantized(torch.float32).to(torch.bfloat16))
+    assert not torch.equal(y, native.gemm(x, nf4.gemm_weight()))  # not the native GEMM's fp32 weights
+    int8 = Int8Linear(nn.Linear(256, 96, bias=False))
+    with torch.no_grad():
+        assert torch.equal(int8(x), native.gemm(x, int8.gemm_weight()))

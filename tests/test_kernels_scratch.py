@@ -11,15 +11,18 @@ from torch import nn
 
 from engine.kernels import bf16, native, scratch
 from engine.kernels.bf16 import upcast_matmuls
+from engine.kernels import quant
 from engine.kernels.quant import Int8Linear, NF4Linear
 
 
 @pytest.fixture(autouse=True)
 def without_gemm_kernels(monkeypatch):
-    """Many-row products take the buffers where neither the native GEMM (tests/test_kernels_gemm.py) nor, for bf16,
-    MKL's bf16 GEMM (tests/test_kernels_bf16.py) runs. These tests are about the buffers, so both are off here."""
+    """Many-row products take the fp32 buffers where neither the native GEMM (tests/test_kernels_gemm.py) nor, for
+    bf16, MKL's bf16 GEMM (tests/test_kernels_bf16.py), nor for NF4 on a CPU with bf16 instructions the bf16 buffers
+    (tests/test_kernels_gemm.py) run. These tests are about the fp32 buffers, so the others are off here."""
     monkeypatch.setattr(native, "gemm", lambda *args, **kwargs: None)
     monkeypatch.setattr(bf16, "_mkl_gemm_bf16", lambda: None)
+    monkeypatch.setattr(quant, "native_bf16", lambda: False)
 
 
 def bf16_linear(n_in=256, n_out=96, seed=0) -> nn.Linear:

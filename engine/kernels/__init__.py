@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
-from .bf16 import mkl_bf16, native_bf16
+from .bf16 import bf16_dot_gemv, mkl_bf16, native_bf16
 
 
 # ------------------------------------------------------------------ operations the model calls
@@ -137,6 +137,7 @@ def _gemv_weights(modules) -> list[native.Weight] | None:
 # ------------------------------------------------------------------ what runs, and why
 NATIVE = "native AVX2"
 GEMM = NATIVE + " GEMM"
+BF16_GEMM = "PyTorch bf16 GEMM (the CPU has bf16 instructions), dequantized to bf16 per call"
 
 
 def _without_native() -> str | None:
@@ -186,11 +187,13 @@ def backends(device="cpu", dtype: torch.dtype = torch.bfloat16, quantization: st
             "int4": "PyTorch int4, groups of 64 " + (fallback if off else "(--quant-backend int4)"),
             "bitsandbytes": "bitsandbytes NF4 (slow on a CPU)",
         }[quant_backend]
-        nf4 = GEMM + ", dequantized while packing" if off is None else f"fp32, dequantized per call {fallback}"
+        nf4 = (BF16_GEMM if native_bf16() else GEMM + ", dequantized while packing" if off is None
+               else f"fp32, dequantized per call {fallback}")
         rows["4-bit matmul (prefill)"] = {"nf4": nf4, "int4": "PyTorch int4, groups of 64",
                                           "bitsandbytes": rows["4-bit matmul (decode)"]}[quant_backend]
     if dtype == torch.bfloat16:
-        rows["bf16 matmul (decode)"] = NATIVE + " bf16" if off is None else f"PyTorch bf16 {fallback}"
+        native_gemv = "native AVX512_BF16 bf16" if bf16_dot_gemv() else NATIVE + " bf16"
+        rows["bf16 matmul (decode)"] = native_gemv if off is None else f"PyTorch bf16 {fallback}"
         if native_bf16():
             rows["bf16 matmul (prefill)"] = "PyTorch bf16 (the CPU has bf16 instructions)"
         elif off is None:

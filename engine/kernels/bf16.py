@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -35,13 +36,21 @@ UPCAST_MIN_ROWS = 8  # below this a product is memory-bound and bf16 is faster
 
 
 @functools.cache
+def _cpu_flags() -> str:
+    try:
+        return open("/proc/cpuinfo").read()
+    except OSError:
+        return ""
+
+
 def native_bf16() -> bool:
     """True where the CPU has bf16 dot-product instructions (AVX512_BF16 or AMX), so nothing needs upcasting."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "avx512_bf16" in _cpu_flags() or "amx_bf16" in _cpu_flags()
+
+
+def bf16_dot_gemv() -> bool:
+    """True where the native bf16 GEMV multiplies with AVX512_BF16's vdpbf16ps (decode_kernels.c decides alike)."""
+    return "avx512_bf16" in _cpu_flags() and not os.environ.get("DSVL_NO_AVX512")
 
 
 @functools.cache

@@ -26,12 +26,13 @@ _lock = threading.Lock()  # held for the whole product: the buffers' contents be
 _buffers: dict[str, torch.Tensor] = {}
 
 
-def _buffer(name: str, numel: int) -> torch.Tensor:
-    buf = _buffers.get(name)
+def _buffer(name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    key = f"{name} {dtype}"
+    buf = _buffers.get(key)
     if buf is None or buf.numel() < numel:
-        _buffers.pop(name, None)  # the old one is freed before the larger one is allocated
+        _buffers.pop(key, None)  # the old one is freed before the larger one is allocated
         with torch.inference_mode(False):  # an inference tensor could not be written later under no_grad
-            buf = _buffers[name] = torch.empty(numel, dtype=torch.float32)
+            buf = _buffers[key] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
@@ -44,10 +45,11 @@ def applies(x: torch.Tensor, out_features: int) -> bool:
 
 
 def linear(x: torch.Tensor, out_features: int, weight_into: Callable[[torch.Tensor], object],
-           bias: torch.Tensor | None = None) -> torch.Tensor | None:
+           bias: torch.Tensor | None = None, compute: torch.dtype = torch.float32) -> torch.Tensor | None:
     """x [..., K] times a weight [out_features, K] that `weight_into(w)` writes into the fp32 buffer w, plus bias,
-    computed in fp32 → [..., out_features] in x's dtype. None where it does not apply (see `applies`) or while
-    another thread's product holds the buffers."""
+    computed in `compute` → [..., out_features] in x's dtype. `compute` is fp32, or bf16 on a CPU whose bf16
+    instructions PyTorch's GEMM uses (the weight is then rounded to bf16, into a second buffer). None where it
+    does not apply (see `applies`) or while another thread's product holds the buffers."""
     if not applies(x, out_features) or not _lock.acquire(blocking=False):
         return None
     try:
@@ -56,14 +58,16 @@ def linear(x: torch.Tensor, out_features: int, weight_into: Callable[[torch.Tens
         M, N = rows.shape[0], out_features
         weight = _buffer("weight", N * K).view(N, K)
         weight_into(weight)
-        if rows.dtype != torch.float32:
-            rows = _buffer("input", M * K).view(M, K).copy_(rows)
-        # An fp32 caller keeps the result, so only a result converted to another dtype goes through a buffer.
-        out = _buffer("output", M * N).view(M, N) if x.dtype != torch.float32 else torch.empty(M, N)
+        if compute != torch.float32:
+            weight = _buffer("weight", N * K, compute).view(N, K).copy_(weight)
+        if rows.dtype != compute:
+            rows = _buffer("input", M * K, compute).view(M, K).copy_(rows)
+        # A caller of the compute dtype keeps the result, so only a result converted to another goes through a buffer.
+        out = _buffer("output", M * N, compute).view(M, N) if x.dtype != compute else torch.empty(M, N, dtype=compute)
         if bias is None:
             torch.mm(rows, weight.t(), out=out)
         else:
-            torch.addmm(bias.float(), rows, weight.t(), out=out)
+            torch.addmm(bias.to(compute), rows, weight.t(), out=out)
         return out.to(x.dtype).view(*x.shape[:-1], N)
     finally:
         _lock.release()

@@ -126,6 +126,42 @@ static void rows_bf16(const uint16_t *W, const float *xf, int K, int lo, int hi,
     }
 }
 
+/* The same on a CPU with AVX512_BF16 (Zen 4, Sapphire Rapids): vdpbf16ps multiplies 32 bf16 weights by 32 bf16
+ * activations and adds the pairs into 16 fp32 sums, so the weights need no conversion at all. x is bf16 here (a
+ * bf16 model's activation as it is, natural order). On a 2-core Zen 4 the AVX2 loop above decoded the 1.3B at
+ * 8.6 tok/s, this one at 10.2 (four rows at a time as above: 9.2), against llama.cpp's BF16 at 10.3-11.6, which
+ * uses these instructions. Compiled for that target alone and chosen at run time, so the library still loads on
+ * AVX2-only CPUs; DSVL_NO_AVX512=1 keeps the AVX2 loop (for comparisons). */
+__attribute__((target("avx512f,avx512bf16,avx512vl")))
+static void rows_bf16_dp(const uint16_t *W, const uint16_t *xb, int K, int lo, int hi, float *y) {
+    int K64 = K / 64 * 64; /* K is a multiple of 16 */
+    for (int n = lo; n < hi; n++) {
+        /* One row at a time, one sequential stream per thread (as rows_int8), in two independent chains. */
+        const uint16_t *r = W + (size_t)n * K;
+        __m512 a = _mm512_setzero_ps(), c = a;
+        int k = 0;
+        for (; k < K64; k += 64) {
+            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(r + k), (__m512bh)_mm512_loadu_si512(xb + k));
+            c = _mm512_dpbf16_ps(c, (__m512bh)_mm512_loadu_si512(r + k + 32), (__m512bh)_mm512_loadu_si512(xb + k + 32));
+        }
+        for (; k + 16 <= K; k += 16) {
+            __m256 t = _mm256_dpbf16_ps(_mm256_setzero_ps(), (__m256bh)_mm256_loadu_si256((const __m256i *)(r + k)),
+                                        (__m256bh)_mm256_loadu_si256((const __m256i *)(xb + k)));
+            a = _mm512_add_ps(a, _mm512_zextps256_ps512(t));
+        }
+        y[n] = _mm512_reduce_add_ps(_mm512_add_ps(a, c));
+    }
+}
+
+static int has_bf16_dot(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512bf16") && getenv("DSVL_NO_AVX512") == NULL;
+    }
+    return known;
+}
+
 /* ------------------------------------------------------------------ int8 weights, one scale per row */
 #define QBLOCK 32
 
@@ -279,7 +315,9 @@ int dsvl_gemv(int kind, int count, const void *const *W, const float *const *sca
     float *f = malloc((size_t)(total + 1) * sizeof(float)); /* every product in fp32, one after another */
     if (!xf || !xq || !xs || !correction || !f) { free(xf); free(xq); free(xs); free(correction); free(f); return -1; }
     load_vector(x, x_bf16, xf, K);
-    if (kind == KIND_BF16) interleave_quads(xf, K);
+    /* A bf16 activation as it is for vdpbf16ps (an fp32 one keeps the AVX2 loop: no rounding of x added). */
+    const int dot = kind == KIND_BF16 && x_bf16 && has_bf16_dot();
+    if (kind == KIND_BF16 && !dot) interleave_quads(xf, K);
     if (kind == KIND_INT8) quantize_blocks(xf, xq, xs, K, QBLOCK, 0, 127);
     if (kind == KIND_NF4) {
         memset(correction, 0, (size_t)(K / NF4BLOCK) * 32);
@@ -297,7 +335,8 @@ int dsvl_gemv(int kind, int count, const void *const *W, const float *const *sca
         float *fm = f;
         for (int m = 0; m < count; fm += N[m], m++) {
             int lo = share(N[m], t, nt), hi = share(N[m], t + 1, nt);
-            if (kind == KIND_BF16) rows_bf16((const uint16_t *)W[m], xf, K, lo, hi, fm);
+            if (dot) rows_bf16_dp((const uint16_t *)W[m], (const uint16_t *)x, K, lo, hi, fm);
+            else if (kind == KIND_BF16) rows_bf16((const uint16_t *)W[m], xf, K, lo, hi, fm);
             else if (kind == KIND_INT8) rows_int8((const int8_t *)W[m], scale[m], xq, xs, K, lo, hi, fm);
             else rows_nf4((const uint8_t *)W[m], scale[m], levels[m], xq, xs, correction, K, lo, hi, fm);
             if (!swiglu)
