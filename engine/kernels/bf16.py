@@ -1,5 +1,5 @@
-"""bf16 weights on a CPU without native bf16 arithmetic (AVX2, AVX-512 without BF16): fp32 math for
-matrix-matrix products.
+"""bf16 weights on a CPU. Without native bf16 arithmetic (AVX2, AVX-512 without BF16): fp32 math for
+matrix-matrix products; with it, PyTorch's own (last paragraph). One-row products by the native GEMV either way.
 
 Measured on the 2-core AVX2 machine (2026-12-06): a [650 × 2048] · [2048 × 5632] product runs at ~21 GFLOP/s in
 bf16 and ~153 GFLOP/s in fp32 (MKL's sgemm), so prefill and image encoding multiply in fp32, converting the weights

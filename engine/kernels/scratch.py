@@ -1,16 +1,18 @@
-"""Many-row fp32 products of bf16 or quantized weights on a CPU, through buffers reused from call to call.
+"""Many-row products of bf16 or quantized weights on a CPU, through buffers reused from call to call.
 
-A prefill or an image encode multiplies each weight matrix in fp32 (`bf16.py` says why). Converting it into a
+A prefill or an image encode multiplies each weight matrix in fp32 (`bf16.py` says why), or NF4 in bf16 on a CPU
+with bf16 instructions (`quant.py`). Converting it into a
 new tensor on every call cost more than the conversion: glibc gives blocks this large back to the OS when they
 are freed, so each call faults tens of MB of fresh pages in again. Measured on the 2-core AVX2 machine for a
 [5632 × 2048] weight: bf16 → fp32 22 ms into a new tensor, 3 ms into a reused one; int8 dequantization 44 vs
 4 ms; the [600 × 2048] product itself 102 vs 92 ms when its output buffer is reused.
 
-The process keeps one set of three flat fp32 buffers (weight, input rows, output), grown to the largest product
-run, up to MAX_ELEMENTS each: the 7B's largest decoder matrix (45 M weights) fits, an output layer over every
-position (the 1.3B's is 210 M weights) takes the allocating path instead of pinning a gigabyte. One set, not one
-per thread: the app runs each request on a new or pooled thread, and per-thread sets would multiply the memory.
-A product that finds the set in use by another thread allocates as before instead of waiting.
+The process keeps one set of three flat buffers (weight, input rows, output) per compute dtype (the bf16 set's
+weight is converted from the fp32 one), each grown to the largest product run, up to MAX_ELEMENTS each: the 7B's
+largest decoder matrix (45 M weights) fits, an output layer over every position (the 1.3B's is 210 M weights)
+takes the allocating path instead of pinning a gigabyte. One set, not one per thread: the app runs each request on
+a new or pooled thread, and per-thread sets would multiply the memory. A product that finds the set in use by
+another thread allocates as before instead of waiting.
 """
 
 from __future__ import annotations
