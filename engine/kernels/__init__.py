@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
-from .bf16 import bf16_dot_gemv, mkl_bf16, native_bf16
+from .bf16 import mkl_bf16, native_bf16
 
 
 # ------------------------------------------------------------------ operations the model calls
@@ -192,7 +192,7 @@ def backends(device="cpu", dtype: torch.dtype = torch.bfloat16, quantization: st
         rows["4-bit matmul (prefill)"] = {"nf4": nf4, "int4": "PyTorch int4, groups of 64",
                                           "bitsandbytes": rows["4-bit matmul (decode)"]}[quant_backend]
     if dtype == torch.bfloat16:
-        native_gemv = "native AVX512_BF16 bf16" if bf16_dot_gemv() else NATIVE + " bf16"
+        native_gemv = "native AVX512_BF16 bf16" if native.bf16_dot() else NATIVE + " bf16"
         rows["bf16 matmul (decode)"] = native_gemv if off is None else f"PyTorch bf16 {fallback}"
         if native_bf16():
             rows["bf16 matmul (prefill)"] = "PyTorch bf16 (the CPU has bf16 instructions)"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from pathlib import Path
 
 import torch
@@ -36,21 +35,13 @@ UPCAST_MIN_ROWS = 8  # below this a product is memory-bound and bf16 is faster
 
 
 @functools.cache
-def _cpu_flags() -> str:
-    try:
-        return open("/proc/cpuinfo").read()
-    except OSError:
-        return ""
-
-
 def native_bf16() -> bool:
     """True where the CPU has bf16 dot-product instructions (AVX512_BF16 or AMX), so nothing needs upcasting."""
-    return "avx512_bf16" in _cpu_flags() or "amx_bf16" in _cpu_flags()
-
-
-def bf16_dot_gemv() -> bool:
-    """True where the native bf16 GEMV multiplies with AVX512_BF16's vdpbf16ps (decode_kernels.c decides alike)."""
-    return "avx512_bf16" in _cpu_flags() and not os.environ.get("DSVL_NO_AVX512")
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @functools.cache
@@ -135,28 +126,24 @@ class UpcastConv2d(nn.Conv2d):
         return self._conv_forward(x.float(), self.weight.float(), bias).to(x.dtype)
 
 
-def upcast_matmuls(model: nn.Module) -> int:
-    """Switch plain nn.Linear / nn.Conv2d modules to the upcasting forward in place (parameters and their
-    names are untouched; quantized linears are not nn.Linear and are left alone). Returns how many."""
+def _swap(model: nn.Module, classes: dict[type, type]) -> int:
+    """Give every module whose exact type is a key of `classes` that key's value as its class, in place (parameters
+    and their names are untouched). Returns how many."""
     swapped = 0
     for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = UpcastLinear
-            swapped += 1
-        elif type(module) is nn.Conv2d:
-            module.__class__ = UpcastConv2d
+        if (cls := classes.get(type(module))) is not None:
+            module.__class__ = cls
             swapped += 1
     return swapped
+
+
+def upcast_matmuls(model: nn.Module) -> int:
+    """Switch plain nn.Linear / nn.Conv2d modules to the upcasting forward in place (quantized linears are not
+    nn.Linear and are left alone). Returns how many."""
+    return _swap(model, {nn.Linear: UpcastLinear, nn.Conv2d: UpcastConv2d})
 
 
 def prepare_cpu_bf16(model: nn.Module) -> int:
     """Set up a bf16 model's products for this CPU, in place: with bf16 instructions, only one-row products change
     (to the native GEMV); without them, `upcast_matmuls`. Returns how many modules changed."""
-    if not native_bf16():
-        return upcast_matmuls(model)
-    swapped = 0
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = NativeBf16Linear
-            swapped += 1
-    return swapped
+    return _swap(model, {nn.Linear: NativeBf16Linear}) if native_bf16() else upcast_matmuls(model)

@@ -99,6 +99,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsvl_decode_layer.restype = i
     lib.dsvl_gemm.argtypes = [i, p, p, p, p, i, i, i, p, i, p, i, i]
     lib.dsvl_gemm.restype = i
+    lib.dsvl_bf16_dot.argtypes = []
+    lib.dsvl_bf16_dot.restype = i
     return lib
 
 
@@ -243,6 +245,13 @@ def gemm(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.
                      M, N, K, rows.data_ptr(), bf16, out.data_ptr(), bf16, torch.get_num_threads()):
         raise MemoryError("gemm: out of memory")
     return out
+
+
+def bf16_dot() -> bool:
+    """True where the bf16 GEMV multiplies with AVX512_BF16's vdpbf16ps (the library decides: CPU and
+    DSVL_NO_AVX512)."""
+    lib = kernels()
+    return lib is not None and bool(lib.dsvl_bf16_dot())
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, out: torch.Tensor) -> bool:

@@ -142,7 +142,8 @@ static void rows_bf16_dp(const uint16_t *W, const uint16_t *xb, int K, int lo, i
         int k = 0;
         for (; k < K64; k += 64) {
             a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(r + k), (__m512bh)_mm512_loadu_si512(xb + k));
-            c = _mm512_dpbf16_ps(c, (__m512bh)_mm512_loadu_si512(r + k + 32), (__m512bh)_mm512_loadu_si512(xb + k + 32));
+            c = _mm512_dpbf16_ps(c, (__m512bh)_mm512_loadu_si512(r + k + 32),
+                                 (__m512bh)_mm512_loadu_si512(xb + k + 32));
         }
         for (; k + 16 <= K; k += 16) {
             __m256 t = _mm256_dpbf16_ps(_mm256_setzero_ps(), (__m256bh)_mm256_loadu_si256((const __m256i *)(r + k)),
@@ -153,7 +154,8 @@ static void rows_bf16_dp(const uint16_t *W, const uint16_t *xb, int K, int lo, i
     }
 }
 
-static int has_bf16_dot(void) {
+/* Whether the bf16 GEMV runs rows_bf16_dp here (Python's backends() asks this too, so both say the same). */
+int dsvl_bf16_dot(void) {
     static int known = -1;
     if (known < 0) {
         __builtin_cpu_init();
@@ -314,9 +316,9 @@ int dsvl_gemv(int kind, int count, const void *const *W, const float *const *sca
     int32_t *correction = aligned_alloc(64, ((size_t)(K / NF4BLOCK) * 32 + 63) / 64 * 64 + 64); /* NF4: 8 per block */
     float *f = malloc((size_t)(total + 1) * sizeof(float)); /* every product in fp32, one after another */
     if (!xf || !xq || !xs || !correction || !f) { free(xf); free(xq); free(xs); free(correction); free(f); return -1; }
-    load_vector(x, x_bf16, xf, K);
-    /* A bf16 activation as it is for vdpbf16ps (an fp32 one keeps the AVX2 loop: no rounding of x added). */
-    const int dot = kind == KIND_BF16 && x_bf16 && has_bf16_dot();
+    /* A bf16 activation goes as it is to vdpbf16ps (an fp32 one keeps the AVX2 loop: no rounding of x added). */
+    const int dot = kind == KIND_BF16 && x_bf16 && dsvl_bf16_dot();
+    if (!dot) load_vector(x, x_bf16, xf, K);
     if (kind == KIND_BF16 && !dot) interleave_quads(xf, K);
     if (kind == KIND_INT8) quantize_blocks(xf, xq, xs, K, QBLOCK, 0, 127);
     if (kind == KIND_NF4) {
