@@ -69,7 +69,7 @@ class StreamEvent:
     message_id: int | None = None  # the assistant message (None before it exists: errors, queued, cancelled)
     text: str = ""  # delta: the new piece; done: the full answer; error and cancelled: the message for the user
     stats: dict = field(default_factory=dict)  # done: prompt_tokens, reused_tokens, ttft, tokens, ...
-    user_message_id: int | None = None  # queued, started, cancelled: the stored question
+    user_message_id: int | None = None  # queued, started, cancelled, errors after it was stored: the question
     position: int | None = None  # queued: place in line among waiting requests, 1 = next to get the model
 
 
@@ -341,7 +341,8 @@ class ChatService:
                 message_id = self.store.add_message(conversation_id, "assistant", "", status="streaming",
                                                     settings=record, model=self.models.model_name, parent_id=user_id)
             except Exception as e:  # in this thread an uncaught error would leave the reader waiting forever
-                emit(StreamEvent("error", conversation_id, text=f"Could not save the answer: {e}"))
+                emit(StreamEvent("error", conversation_id, text=f"Could not save the answer: {e}",
+                                 user_message_id=user_id))
                 return
             emit(StreamEvent("started", conversation_id, message_id, user_message_id=user_id))
             self._answer(conversation_id, entry, params, message_id, ticket.cancel_event, emit)

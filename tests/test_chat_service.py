@@ -11,7 +11,7 @@ from PIL import Image
 from app.chat_service import STOPPED_IN_LINE, ChatError, ChatService, ModelManager, StreamEvent
 from app.scheduler import Scheduler
 from app.settings import GenerationSettings
-from app.store import Store
+from app.store import Store, StoreError
 from engine.chat import ASSISTANT, USER, ChatSession, Turn
 from conftest import TALKATIVE
 from engine.demo import DEMO_NAME
@@ -349,6 +349,26 @@ def test_an_edit_in_line_is_stored_at_once_without_its_old_answer(service, store
     assert [(m["role"], m["text"]) for m in store.get_conversation(cid)["messages"]] == [("user", "New question")]
     other_caller.release()
     assert list(editing)[-1].kind == "done"
+
+
+
+def test_an_answer_that_cannot_be_saved_names_the_stored_question(service, store, monkeypatch):
+    """The edited question is stored, then the answer's row cannot be: the error says which question is kept,
+    so the UI ends the edit (the new version exists) instead of offering to send it again."""
+    cid = ask(service, None, "Old question").conversation_id
+    add = store.add_message
+
+    def add_message(conversation_id, role, *args, **kwargs):
+        if role == "assistant":
+            raise StoreError("disk full")
+        return add(conversation_id, role, *args, **kwargs)
+
+    monkeypatch.setattr(store, "add_message", add_message)
+    events = list(service.edit_last(cid, "New question", GREEDY))
+    stored = store.get_conversation(cid)["messages"]
+    assert [(m["role"], m["text"]) for m in stored] == [("user", "New question")]
+    assert [(e.kind, e.user_message_id) for e in events] == [("error", stored[0]["id"])]
+    assert "Could not save the answer: disk full" in events[0].text
 
 
 # ---------------------------------------------------------------------- regenerate, edit, delete

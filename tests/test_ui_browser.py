@@ -217,6 +217,14 @@ def wait_answer_finished(page, timeout_ms: int = 60_000) -> str:
     return last_answer(page)
 
 
+def wait_hidden(page, selector: str) -> None:
+    """Wait for `selector` to leave the screen; if it stays, the failure quotes the notice (a run's only clue)."""
+    try:
+        page.wait_for_selector(selector, state="hidden")
+    except playwright_api.TimeoutError:
+        pytest.fail(f"{selector} is still shown; the notice says: {page.locator('#notice').inner_text()!r}")
+
+
 def find_conversation(store: Store, word: str) -> dict:
     hits = [h for h in store.search(word) if h["role"] == "user"]
     assert hits, f"no stored user message contains {word!r}"
@@ -524,7 +532,7 @@ def test_edit_regenerate_delete_rename(page, store):
     box.press("Enter")
     page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('heron')")
     wait_answer_finished(page)
-    page.wait_for_selector("#edit-bar", state="hidden")
+    wait_hidden(page, "#edit-bar")
     messages = store.get_conversation(conversation_id)["messages"]
     assert [(m["role"], m["text"]) for m in messages][0] == ("user", "Second draft about a heron")
     assert len(messages) == 2 and "osprey" not in page.locator("#chatbot").inner_text()

@@ -48,6 +48,13 @@ def monitor_choices() -> tuple[list[tuple[str, int]], int, str]:
     return [(m.label, m.index) for m in monitors[1:]] + [(monitors[0].label, 0)], 1, ""
 
 
+def edit_bar_shown(shown: bool) -> dict:
+    """The edit bar's update. A class hides it and it stays mounted: gradio 6 removes a visible=False component
+    and, mounting it again, can replay a stale visibility update (gradio#13494); CI once saw the bar stay on
+    screen after the edited message was sent."""
+    return gr.update(elem_classes=[] if shown else ["off"])
+
+
 class ChatTab:
     """Builds the tab's widgets where it is created (inside a gr.Tab) and wires their events in `wire`."""
 
@@ -86,7 +93,7 @@ class ChatTab:
         self.stats = gr.Markdown("", elem_id="gen-stats")
         # Clicks on the ‹ › arrows inside the transcript arrive as this (hidden) element's click events.
         self.variant_events = gr.HTML("", elem_id="variant-events", js_on_load=VARIANT_JS)
-        with gr.Row(visible=False, elem_id="edit-bar") as self.edit_bar:
+        with gr.Row(elem_id="edit-bar", elem_classes=["off"]) as self.edit_bar:
             self.edit_note = gr.Markdown("", elem_id="edit-note")
             self.cancel_edit_btn = gr.Button("Cancel edit", size="sm", scale=0, elem_id="cancel-edit-btn")
         self.notice = gr.HTML("", visible=False, elem_id="notice")
@@ -150,7 +157,7 @@ class ChatTab:
         """Everything in this tab that changes when a conversation is opened (None: a fresh new chat)."""
         messages, message_ids = views.transcript(conversation)
         return {self.conv: conversation.id if conversation else None, self.chatbot: messages, self.ids: message_ids,
-                self.selected: None, self.editing: None, self.edit_bar: gr.update(visible=False), self.stats: "",
+                self.selected: None, self.editing: None, self.edit_bar: edit_bar_shown(False), self.stats: "",
                 **self.settings.show(self.preferences.settings_for(conversation.id if conversation else None)),
                 **self.actions(bool(message_ids)), **hide(self.notice),
                 self.follow_timer: gr.Timer(active=self.written_by_others(conversation and conversation.id))}
@@ -199,6 +206,8 @@ class ChatTab:
                 update = show(self.notice, event.text, "error" if event.kind == "error" else "info")
                 if self.history.get(conversation_id):
                     update.update({self.conv: conversation_id, **self.transcript_updates(conversation_id)})
+                if event.user_message_id:  # the question is stored: an edit of it is done, answered or not
+                    update.update({self.editing: None, self.edit_bar: edit_bar_shown(False)})
                 yield update
                 return
             if event.kind in ("queued", "started"):
@@ -227,7 +236,7 @@ class ChatTab:
             messages.append({"role": "assistant", "content": place or views.STREAMING_CURSOR})
             message_ids.append(answer_id)
         update = {self.conv: conversation_id, self.chatbot: messages, self.ids: message_ids, self.selected: None,
-                  self.editing: None, self.edit_bar: gr.update(visible=False), self.stats: "",
+                  self.editing: None, self.edit_bar: edit_bar_shown(False), self.stats: "",
                   **self.actions(True, streaming=True), self.follow_timer: gr.Timer(active=False)}
         update.update(show(self.notice, f"{place}: the answer starts when the model is free; Stop leaves the line.",
                            "info") if place else hide(self.notice))
@@ -298,10 +307,10 @@ class ChatTab:
         note = (f"✎ **Editing {which}** — send to ask it this way and get a new answer; the earlier version stays "
                 "(‹ › on the message flips between them). Its images stay.")
         return {self.input: {"text": question.text, "files": []}, self.editing: question.id,
-                self.edit_note: note, self.edit_bar: gr.update(visible=True), **hide(self.notice)}
+                self.edit_note: note, self.edit_bar: edit_bar_shown(True), **hide(self.notice)}
 
     def cancel_edit(self):
-        return {self.input: EMPTY_INPUT, self.editing: None, self.edit_bar: gr.update(visible=False)}
+        return {self.input: EMPTY_INPUT, self.editing: None, self.edit_bar: edit_bar_shown(False)}
 
     def show_variant(self, conversation_id, evt: gr.EventData):
         """An arrow ‹ › was clicked: show that version of the message (and the branch that follows it)."""
@@ -310,7 +319,7 @@ class ChatTab:
             return show(self.notice, "That version is no longer there; reload the page.", "info")
         self.chat.select_variant(conversation_id, message_id)
         return {**self.transcript_updates(conversation_id), self.selected: None, self.stats: "",
-                self.editing: None, self.edit_bar: gr.update(visible=False), **hide(self.notice)}
+                self.editing: None, self.edit_bar: edit_bar_shown(False), **hide(self.notice)}
 
     def pick_message(self, message_ids, evt: gr.SelectData):
         index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index

@@ -64,6 +64,7 @@ CSS = """
 .dark .notice-error, .dark .notice-warning { color: #fecaca; background: #450a0a; border-color: #7f1d1d; }
 .dark .notice-info { color: #bfdbfe; background: #172554; border-color: #1e3a8a; }
 #edit-bar { align-items: center; }
+#edit-bar.off { display: none; }
 
 /* ---- context meter ---- */
 #context-meter .meter { font-size: 0.85em; }
