@@ -48,9 +48,9 @@ def test_bf16_weights_give_the_fp32_product(M, N, K, dtype):
 @pytest.mark.parametrize("M, N, K", [(13, 40, 320), (97, 48, 1088), (600, 64, 640)])
 @pytest.mark.parametrize("quantized", [Int8Linear, NF4Linear])
 def test_quantized_weights_are_dequantized_while_packing(M, N, K, quantized, monkeypatch):
-    from engine.kernels import quant
+    from engine.kernels import bf16
 
-    monkeypatch.setattr(quant, "native_bf16", lambda: False)  # NF4 with bf16 instructions: the test below
+    monkeypatch.setattr(bf16, "native_bf16", lambda: False)  # NF4 with bf16 instructions: the test below
     torch.manual_seed(M)
     q = quantized(nn.Linear(K, N, bias=False))
     x = torch.randn(M, K).to(torch.bfloat16)
@@ -117,10 +117,9 @@ def test_with_bf16_instructions_nf4_uses_pytorchs_bf16_gemm_and_int8_stays(monke
     # On such a CPU PyTorch's bf16 GEMM runs ~1.9x the native fp32 one (quant.py's note): NF4's many rows go there,
     # the weights rounded to bf16, sums in fp32; int8 keeps the native GEMM's fp32 math.
     from engine import kernels
-    from engine.kernels import bf16, quant
+    from engine.kernels import bf16
 
-    for module in (kernels, quant, bf16):  # each imported the name (written on a CPU that has them, where it passed)
-        monkeypatch.setattr(module, "native_bf16", lambda: True)
+    monkeypatch.setattr(bf16, "native_bf16", lambda: True)  # every caller asks the bf16 module
     assert kernels.backends("cpu", torch.bfloat16, "4bit", "nf4")["4-bit matmul (prefill)"] == kernels.BF16_GEMM
     torch.manual_seed(4)
     x = torch.randn(40, 256).to(torch.bfloat16)

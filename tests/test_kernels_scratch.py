@@ -11,7 +11,6 @@ from torch import nn
 
 from engine.kernels import bf16, native, scratch
 from engine.kernels.bf16 import upcast_matmuls
-from engine.kernels import quant
 from engine.kernels.quant import Int8Linear, NF4Linear
 
 
@@ -22,7 +21,7 @@ def without_gemm_kernels(monkeypatch):
     (tests/test_kernels_gemm.py) run. These tests are about the fp32 buffers, so the others are off here."""
     monkeypatch.setattr(native, "gemm", lambda *args, **kwargs: None)
     monkeypatch.setattr(bf16, "_mkl_gemm_bf16", lambda: None)
-    monkeypatch.setattr(quant, "native_bf16", lambda: False)
+    monkeypatch.setattr(bf16, "native_bf16", lambda: False)
 
 
 def bf16_linear(n_in=256, n_out=96, seed=0) -> nn.Linear:

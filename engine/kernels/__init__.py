@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
-from .bf16 import mkl_bf16, native_bf16
+from . import bf16, native
 
 
 # ------------------------------------------------------------------ operations the model calls
@@ -187,19 +186,20 @@ def backends(device="cpu", dtype: torch.dtype = torch.bfloat16, quantization: st
             "int4": "PyTorch int4, groups of 64 " + (fallback if off else "(--quant-backend int4)"),
             "bitsandbytes": "bitsandbytes NF4 (slow on a CPU)",
         }[quant_backend]
-        nf4 = (BF16_GEMM if native_bf16() else GEMM + ", dequantized while packing" if off is None
+        nf4 = (BF16_GEMM if bf16.native_bf16() else GEMM + ", dequantized while packing" if off is None
                else f"fp32, dequantized per call {fallback}")
         rows["4-bit matmul (prefill)"] = {"nf4": nf4, "int4": "PyTorch int4, groups of 64",
                                           "bitsandbytes": rows["4-bit matmul (decode)"]}[quant_backend]
     if dtype == torch.bfloat16:
         native_gemv = "native AVX512_BF16 bf16" if native.bf16_dot() else NATIVE + " bf16"
         rows["bf16 matmul (decode)"] = native_gemv if off is None else f"PyTorch bf16 {fallback}"
-        if native_bf16():
+        if bf16.native_bf16():
             rows["bf16 matmul (prefill)"] = "PyTorch bf16 (the CPU has bf16 instructions)"
         elif off is None:
             rows["bf16 matmul (prefill)"] = GEMM + ", fp32 math (the CPU has no bf16 instructions)"
         else:
-            rows["bf16 matmul (prefill)"] = f"{'MKL bf16 GEMM, fp32 math' if mkl_bf16() else 'fp32 upcast'} {fallback}"
+            upcast = "MKL bf16 GEMM, fp32 math" if bf16.mkl_bf16() else "fp32 upcast"
+            rows["bf16 matmul (prefill)"] = f"{upcast} {fallback}"
     else:
         rows[f"{name} matmul"] = f"PyTorch {name}"
     if off:

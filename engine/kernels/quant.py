@@ -40,8 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native, scratch
-from .bf16 import native_bf16
+from . import bf16, native, scratch
 
 
 def quantize_rows(weight: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +166,7 @@ class NF4Linear(QuantizedLinear):
         return native.Weight(native.NF4, b["packed"], self.out_features, self.in_features, b["absmax"], b["levels"])
 
     def many_rows(self, x):
-        if x.dtype == torch.bfloat16 and native_bf16():  # 4-bit's own error dwarfs bf16's: see the module's note
+        if x.dtype == torch.bfloat16 and bf16.native_bf16():  # 4-bit's own error dwarfs bf16's: see the module's note
             return scratch.linear(x, self.out_features, self.dequantize_into, compute=torch.bfloat16)
         return super().many_rows(x)
 
