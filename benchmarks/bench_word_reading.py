@@ -34,29 +34,16 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.demo import build, world  # noqa: E402
-from engine.model.config import VLConfig  # noqa: E402
-from engine.model.vlm import DeepSeekVL  # noqa: E402
 from engine.processing import ImageProcessor, ImageProcessorConfig  # noqa: E402
 
 SIDE = 256
 BATCH = 32
 
 
-def demo_tower(seed: int) -> nn.Module:
-    """The demo's tower, initialised as the build initialises it."""
-    torch.manual_seed(seed)
-    model = DeepSeekVL(VLConfig.from_official(build.demo_config()))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 or name.endswith(("pos_embed", "latent")):
-                p.normal_(0.0, 0.02)
-    return model.vision_model
-
-
 class ViTReader(nn.Module):
     def __init__(self, seed: int, classes: int, width: int = 128):
         super().__init__()
-        self.tower, self.read = demo_tower(seed), nn.Linear(width, classes)
+        self.tower, self.read = build.initial_model(seed).vision_model, nn.Linear(width, classes)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.read(self.tower(pixels).mean(1))

@@ -55,6 +55,17 @@ PREPROCESSOR = {"image_size": IMAGE_SIZE, "min_size": 14, "image_mean": [0.5, 0.
                 "do_normalize": True, "image_processor_type": "VLMImageProcessor"}
 
 
+def initial_model(seed: int) -> DeepSeekVL:
+    """The demo's architecture before any training: matrices, position embeddings and latents N(0, 0.02)."""
+    torch.manual_seed(seed)
+    model = DeepSeekVL(VLConfig.from_official(demo_config()))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 or name.endswith(("pos_embed", "latent")):
+                p.normal_(0.0, 0.02)
+    return model
+
+
 @dataclass(frozen=True)
 class Budget:
     captions: int = 3000
@@ -131,12 +142,7 @@ def base_model(directory: Path, files: dict[str, Path], budget: Budget, seed: in
     directory.mkdir(parents=True, exist_ok=True)
     build_byte_level_tokenizer(tokenizer_corpus(files), VOCAB_SIZE, directory)
     (directory / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=1))
-    torch.manual_seed(seed)
-    model = DeepSeekVL(VLConfig.from_official(demo_config()))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 or name.endswith(("pos_embed", "latent")):
-                p.normal_(0.0, 0.02)
+    model = initial_model(seed)
     processor = VLChatProcessor.from_pretrained(directory, num_image_tokens=model.config.num_image_tokens)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; tokenizer {len(processor.tokenizer)} tokens")
     log("pretraining the vision tower (attribute prediction)")
