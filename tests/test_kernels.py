@@ -439,6 +439,24 @@ def test_nf4_dequantizes_to_what_bitsandbytes_computes_with():
     assert q.packed.numel() == 24 * 192 // 2 and q.absmax.numel() == 24 * 192 // 64
 
 
+@pytest.mark.parametrize("use_native", [True, False])
+def test_nf4_dequantizes_into_bf16_as_rounding_its_fp32_weights(use_native):
+    # The bf16 prefill (a CPU with bf16 instructions) has the weights written straight in bf16: the same bits as
+    # rounding the fp32 ones, to nearest even, ties included.
+    _, q = _nf4(48, 256, 1)
+    with torch.no_grad():
+        q.absmax.mul_(1 + 2**-9)  # scales off the bf16 grid: many products land between two bf16 values
+    expected = q.dequantized(torch.float32).to(torch.bfloat16)
+    with contextlib.nullcontext() if use_native else native.disabled():
+        out = q.dequantize_into(torch.empty(48, 256, dtype=torch.bfloat16))
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    if use_native and native.kernels() is not None:  # halfway between two bf16 values: to the even one
+        levels = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.0] * 4)
+        out = torch.empty(64, dtype=torch.bfloat16)
+        assert native.dequantize_nf4(torch.tensor([0x01, 0x23] * 16, dtype=torch.uint8), torch.ones(1), levels, out)
+        assert out[:4].float().tolist() == [1.0, 1 + 2**-6, -1.0, 3.0] == levels[:4].to(torch.bfloat16).float().tolist()
+
+
 @needs_kernels
 @pytest.mark.parametrize("N, K", [(8, 64), (37, 192), (300, 2048)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

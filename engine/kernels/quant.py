@@ -98,7 +98,7 @@ class QuantizedLinear(nn.Module):
         return self.dequantize_into(torch.empty(self.out_features, self.in_features, device=device)).to(dtype)
 
     def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
-        """Writes the weight into out (fp32 [N, K]); returns out."""
+        """Writes the weight into out ([N, K], fp32; NF4's also bf16, see `many_rows`); returns out."""
         return out.copy_(self.dequantized(torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lg = ctypes.c_long
     lib.dsvl_attend_decode.argtypes = [p, p, lg, lg, p, lg, lg, p, i, i, i, i, ctypes.c_float, i, i]
     lib.dsvl_attend_decode.restype = i
-    lib.dsvl_dequantize_nf4.argtypes = [p, p, p, p, lg, i]
+    lib.dsvl_dequantize_nf4.argtypes = [p, p, p, p, lg, i, i]
     lib.dsvl_dequantize_nf4.restype = None
     lib.dsvl_rmsnorm.argtypes = [p, p, p, i, ctypes.c_float, i]
     lib.dsvl_rmsnorm.restype = None
@@ -255,16 +255,16 @@ def bf16_dot() -> bool:
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, out: torch.Tensor) -> bool:
-    """Writes into out (fp32, contiguous) the weights of packed NF4 codes, absmax per 64 and the 16 fp32 levels;
-    False, leaving out alone, if not applicable."""
+    """Writes into out (fp32 or bf16, contiguous) the weights of packed NF4 codes, absmax per 64 and the 16 fp32
+    levels; False, leaving out alone, if not applicable."""
     lib = kernels()
     numel = out.numel()
     if (lib is None or numel % 2 or packed.numel() * 2 < numel or packed.device.type != "cpu"
-            or out.device.type != "cpu" or out.dtype != torch.float32
+            or out.device.type != "cpu" or out.dtype not in (torch.float32, torch.bfloat16)
             or not (packed.is_contiguous() and absmax.is_contiguous() and out.is_contiguous())):
         return False
     lib.dsvl_dequantize_nf4(packed.data_ptr(), absmax.data_ptr(), levels.data_ptr(), out.data_ptr(), numel,
-                            torch.get_num_threads())
+                            out.dtype == torch.bfloat16, torch.get_num_threads())
     return True
 
 

@@ -563,13 +563,27 @@ int dsvl_decode_layer(void *x, const void *norm1, const void *norm2, float eps, 
 }
 
 /* ------------------------------------------------------------------ NF4 dequantization */
-/* out [N*K] fp32 = level[code] * absmax of its block, for the compute-bound (many-row) products. */
-void dsvl_dequantize_nf4(const uint8_t *W, const float *absmax, const float *levels, float *out, long numel,
-                         int threads) {
+/* out [N*K] = level[code] * absmax of its block, for the compute-bound (many-row) products: fp32, or bf16 rounded
+ * to nearest even (as PyTorch rounds) where the product runs in bf16, so no fp32 copy is written and converted. */
+static inline uint16_t bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+void dsvl_dequantize_nf4(const uint8_t *W, const float *absmax, const float *levels, void *out, long numel,
+                         int bf16, int threads) {
+    float *f32 = out;
+    uint16_t *b16 = out;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long i = 0; i < numel / 2; i++) {
-        float scale = absmax[(2 * i) / NF4BLOCK];
-        out[2 * i] = levels[W[i] >> 4] * scale;
-        out[2 * i + 1] = levels[W[i] & 15] * scale;
+        float scale = absmax[(2 * i) / NF4BLOCK], hi = levels[W[i] >> 4] * scale, lo = levels[W[i] & 15] * scale;
+        if (bf16) {
+            b16[2 * i] = bf16_round(hi);
+            b16[2 * i + 1] = bf16_round(lo);
+        } else {
+            f32[2 * i] = hi;
+            f32[2 * i + 1] = lo;
+        }
     }
 }
