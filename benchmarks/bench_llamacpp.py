@@ -11,6 +11,8 @@ llama-quantize (Q8_0, Q4_0, Q4_K_M) and timed with llama-bench; the same weights
 --rounds N measures every row N times, llama.cpp and ours back to back within a row (alternating which goes
 first), and reports medians, of the per-round ratios too: on a shared machine whose speed swings by a third within
 minutes, a ratio taken between measurements minutes apart is mostly the swing. --kinds picks rows by llama.cpp type.
+The last column is each row's prefill against llama.cpp's F16 prefill of the same round (issue 14's prefill goal,
+≥ 0.9, is against F16 for every precision); it needs the F16 row among --kinds.
 
 What is measured, per row:
 - prefill: tokens/s of one --context-token prompt through the LM from an empty cache. llama.cpp:
@@ -248,6 +250,7 @@ def combine(rounds: list[dict]) -> dict:
         ratios = [x[f"ours_{phase}"] / x[f"lc_{phase}"] for x in rounds
                   if isinstance(x.get(f"ours_{phase}"), float) and isinstance(x.get(f"lc_{phase}"), float)]
         r[f"{phase}_ratio"] = ratios
+    r["prefill_vs_f16"] = [x["ours_prefill_vs_f16"] for x in rounds if "ours_prefill_vs_f16" in x]
     return r
 
 
@@ -340,7 +343,13 @@ def main():
                             have_llama=have_llama, ours_models=ours_models, caches=caches, hf=hf, hf_cache=hf_cache)
             print("   " + ", ".join(f"{k} {fmt(r.get(k), 2)}" for k in ("lc_prefill", "ours_prefill", "lc_decode",
                                                                         "ours_decode")), flush=True)
-            rounds.append(r)
+            rounds.append({**r, "round": n})
+    # Issue 14's prefill goal is against llama.cpp's F16 (its fastest prefill here), whatever our precision: each
+    # row's prefill over the F16 row's of the same round.
+    f16 = {r["round"]: r["lc_prefill"] for r in rounds if r["kind"] == "F16" and isinstance(r["lc_prefill"], float)}
+    for r in rounds:
+        if isinstance(r.get("ours_prefill"), float) and r["round"] in f16:
+            r["ours_prefill_vs_f16"] = r["ours_prefill"] / f16[r["round"]]
     table = [combine([r for r in rounds if r["kind"] == row[1]]) for row in rows]
 
     if not args.keep_gguf:
@@ -370,12 +379,13 @@ def main():
           f"{rounds}\n")
     print("| precision | llama.cpp | ours | llama.cpp prefill tok/s | ours prefill tok/s | transformers prefill tok/s "
           "| llama.cpp decode tok/s | ours decode tok/s | transformers decode tok/s | prefill ours/llama.cpp "
-          "| decode ours/llama.cpp |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| decode ours/llama.cpp | prefill ours/llama.cpp F16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         print(f"| {r['precision']} | {r['kind']} | {r['ours']} | {fmt(r['lc_prefill'])} | {fmt(r.get('ours_prefill'))} "
               f"| {fmt(r.get('hf_prefill'))} | {fmt(r['lc_decode'], 2)} | {fmt(r.get('ours_decode'), 2)} "
-              f"| {fmt(r.get('hf_decode'), 2)} | {ratio(r['prefill_ratio'])} | {ratio(r['decode_ratio'])} |")
+              f"| {fmt(r.get('hf_decode'), 2)} | {ratio(r['prefill_ratio'])} | {ratio(r['decode_ratio'])} "
+              f"| {ratio(r['prefill_vs_f16'])} |")
 
 
 if __name__ == "__main__":
