@@ -2,23 +2,11 @@
 words within 30 steps, so a tower at chance is the tower's doing, not the data's), and its rows run."""
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_word_reading.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("bench_word_reading", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import bench_word_reading as bench
 
 
 def test_the_cnn_reads_two_words_and_the_tower_rows_run():
-    bench = load()
     args = argparse.Namespace(font=40, steps=30, lr=1e-3, lr_white0=3e-4, seed=0)
     words = bench.world.words()[:2]
     accuracy, seconds = bench.curve("cnn", args, words)
