@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=inspect)
 
     p = sub.add_parser("make-demo", help="rebuild the embedded demo model from nothing: data, tokenizer, "
-                                         "pretraining, stages 1-3, evaluation, model card (about an hour on 2 cores)")
+                                         "pretraining, stages 1-3, evaluation, model card (about an hour and a half on 2 cores)")
     p.add_argument("directory", nargs="?", default="runs/make-demo", help="output (default runs/make-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a tiny budget that proves the path in about a minute")

@@ -72,9 +72,9 @@ class Budget:
     conversations: int = 24000
     text: int = 3000
     text_sft: int = 1000
-    eval_per_kind: int = 40
+    eval_per_kind: int = 100
     mc: int = 60
-    vision_steps: int = 5000
+    vision_steps: int = 9000
     vision_batch: int = 32
     described: int = 12000  # conversations with the images in words, for the LLM's pretraining
     lm_steps: int = 800
