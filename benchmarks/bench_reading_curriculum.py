@@ -21,7 +21,6 @@ These defaults are the 18000-step run in benchmarks/RESULTS.md (0.312 at the end
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import random
@@ -36,18 +35,17 @@ from PIL import ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.demo import build, world  # noqa: E402
 from engine.demo.pretrain import AttributeHeads, _cosine  # noqa: E402
-from engine.model.config import VLConfig  # noqa: E402
-from engine.model.vlm import DeepSeekVL  # noqa: E402
 from engine.processing import ImageProcessor, ImageProcessorConfig  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+SIDE = build.IMAGE_SIZE  # the processor's square, px
 LO, MID, HI = 8.0, 40.0, 100.0  # px after the resize: the window's centre and the whole range
 BINS = [(0, 12), (12, 20), (20, 30), (30, 50), (50, 999)]
 
 
 def height(scene: world.Scene) -> float:
-    """The word's font size after the processor's resize of the long side to 256 px."""
-    return scene.font_size * 256 / max(scene.width, scene.height)
+    """The word's font size after the processor's resize of the long side to SIDE."""
+    return scene.font_size * SIDE / max(scene.width, scene.height)
 
 
 def rising(step: int, start: float, end: float) -> float:
@@ -63,13 +61,8 @@ def main() -> None:
     a = p.parse_args()
     at = {k: v * a.stretch for k, v in {"easy": 1200, "w0": 2250, "w1": 7500, "grey0": 1500, "grey1": 5250,
                                          "shapes0": 3000, "shapes1": 6750}.items()}
-    torch.manual_seed(0)
     torch.set_num_threads(a.threads)
-    model = DeepSeekVL(VLConfig.from_official(build.demo_config()))
-    with torch.no_grad():
-        for name, q in model.named_parameters():
-            if q.dim() >= 2 or name.endswith(("pos_embed", "latent")):
-                q.normal_(0.0, 0.02)
+    model = build.initial_model(0)
     tower = model.vision_model
     images = ImageProcessor(ImageProcessorConfig.from_dict({**build.PREPROCESSOR, "image_mean": [1.0] * 3}))
     vocab = world.words()
@@ -82,8 +75,8 @@ def main() -> None:
     def easy() -> world.Scene:
         w = rng.choice(vocab)
         x0, y0, x1, y1 = ImageFont.load_default(40).getbbox(w)
-        return world.Scene(256, 256, (255, 255, 255), "circle", "red", [], w, 40,
-                           (rng.randint(4, max(4, 252 - x1)), rng.randint(4, 252 - y1)))
+        return world.Scene(SIDE, SIDE, (255, 255, 255), "circle", "red", [], w, 40,
+                           (rng.randint(4, max(4, SIDE - 4 - x1)), rng.randint(4, SIDE - 4 - y1)))
 
     def real(step: int) -> world.Scene:
         f = 0.1 + 0.9 * rising(step, at["w0"], at["w1"])  # the window's width, in log space, 0.1 -> 1
